@@ -1,0 +1,1396 @@
+"""Shared data layer and run plumbing for the video anomaly detection reference scripts.
+
+What lives here (the public API is fixed by CONTRACT.md; everything starting with `_` is private):
+
+* Dataset readers, layout detected from what is on disk, never from hard-coded frame counts:
+  - UCSD Ped1/Ped2 original layout (`UCSD_Anomaly_Dataset.v1p2/UCSDpedN/` or `UCSDpedN/`),
+  - the "frames" layout used by MNAD / ano_pred / HF2-VAD (`<name>/{training,testing}/frames/<video>/`),
+  - CUHK Avenue (`training_videos/*.avi`, `testing_videos/*.avi`, `volLabel` masks),
+  - ShanghaiTech campus (training avi, testing frames, frame/pixel masks, `--scene` filter),
+  - UMN (`Crowd-Activity-All.avi` plus a label file the user writes, `--labels-file`; frame numbers are
+    1-based and inclusive, counted in the avi; JSON or one clip per text line):
+        {"clips": [{"name": "lawn_train", "split": "train", "frames": [1, 480]},
+                   {"name": "lawn_test", "split": "test", "frames": [481, 625], "abnormal": [[530, 625]]}]}
+        lawn_train train 1-480
+        lawn_test  test  481-625 530-625        # name split start-end [abnormal start-end ...]
+  - "synthetic": 120x180 gray, 8 training and 6 test videos of 80 frames, generated deterministically from
+    --seed into the cache and read by the UCSD reader: pedestrians on a walkway; test anomalies (fast
+    bikes/skaters, a large slow cart, people walking off the walkway) with exact pixel masks.
+  Readers list folders and read label files only; besides one frame per video (for its size), frames are
+    decoded when `Video.read_frames` is called.
+* Caches under `--cache-dir` (env VAD_CACHE_DIR, else ~/.cache/vad), never inside a dataset folder:
+  decoded/resized frames (uint8 .npy memmaps) and optical flows (float16 .npy memmaps), written
+  atomically (temp file, then os.replace) because several processes may build the same entry at once.
+* Optical flow (OpenCV Farneback by default, DIS as a faster option) in parallel worker processes.
+* Run plumbing shared by the five method scripts: argparse flags, device, seeding, atomic checkpoints
+  loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling.
+* `download`: fetch an archive with a progress bar and a sha256 check (only when the user asks).
+
+Command line:
+    python common.py --dataset ped2 --data-root ../shared/data --summary      # one JSON object
+    python common.py --dataset ped2 --data-root ../shared/data --frames       # build/load the frame cache
+    python common.py --dataset ped2 --data-root ../shared/data --flows --size 240 360
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+DATASETS = ("ped1", "ped2", "avenue", "shanghaitech", "umn", "synthetic")
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".mkv")
+
+# Farneback parameters (OpenCV's documented example values); part of the flow cache key.
+FARNEBACK_PARAMS = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+FLOW_METHODS = ("farneback", "dis")
+
+
+class DataError(Exception):
+    """Bad input. str(e) is ONE line naming the path and what was expected."""
+
+
+class TrainingError(Exception):
+    """Training cannot continue (e.g. a non-finite loss); nothing was saved."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Videos and datasets
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Video:
+    name: str                    # "Train001", "Test001", "01", "01_0014", ...
+    split: str                   # "train" | "test"
+    num_frames: int
+    frame_shape: tuple           # (H, W) native
+    labels: np.ndarray | None    # (T,) uint8, 1 = abnormal; None for training videos
+    has_masks: bool
+    source: str                  # folder or video-file path (error messages, cache keys)
+    # Private: where the frames and masks come from. Exactly one of frame_files / video_file is set.
+    frame_files: list | None = field(default=None, repr=False, compare=False)
+    video_file: str | None = field(default=None, repr=False, compare=False)
+    start: int = field(default=0, repr=False, compare=False)          # first frame inside video_file
+    mask_files: list | None = field(default=None, repr=False, compare=False)   # one image per frame
+    mask_file: str | None = field(default=None, repr=False, compare=False)     # (T,H,W) .npy or Avenue .mat
+
+    def read_frames(self, gray: bool = True) -> np.ndarray:
+        """All frames at native size: (T,H,W) uint8 gray or (T,H,W,3) uint8 RGB. No cache."""
+        if self.frame_files is not None:
+            frames = _read_images(self.frame_files, gray)
+        elif self.video_file is not None:
+            frames = _read_video_file(self.video_file, self.start, self.num_frames, gray)
+        else:
+            raise DataError(f"{self.source}: video {self.name} has no frame source")
+        if len(frames) != self.num_frames:
+            raise DataError(f"{self.source}: expected {self.num_frames} frames, decoded {len(frames)}")
+        if frames.shape[1:3] != tuple(self.frame_shape):
+            raise DataError(f"{self.source}: frames are {frames.shape[1]}x{frames.shape[2]}, "
+                            f"expected {self.frame_shape[0]}x{self.frame_shape[1]}")
+        return frames
+
+    def read_masks(self) -> np.ndarray | None:
+        """Pixel masks (T,H,W) bool at native size, or None when the video has none."""
+        if not self.has_masks:
+            return None
+        if self.mask_files is not None:
+            masks = _read_images(self.mask_files, gray=True) > 0
+            where = os.path.dirname(self.mask_files[0])
+        elif self.mask_file is not None and self.mask_file.endswith(".npy"):
+            masks = np.load(self.mask_file) > 0
+            where = self.mask_file
+        elif self.mask_file is not None:
+            masks = _load_vollabel(self.mask_file) > 0
+            where = self.mask_file
+        else:
+            return None
+        if masks.ndim != 3 or len(masks) != self.num_frames:
+            raise DataError(f"{where}: expected {self.num_frames} masks for video {self.name}, "
+                            f"found shape {tuple(masks.shape)}")
+        if masks.shape[1:] != tuple(self.frame_shape):
+            raise DataError(f"{where}: masks are {masks.shape[1]}x{masks.shape[2]}, expected "
+                            f"{self.frame_shape[0]}x{self.frame_shape[1]} like the frames of {self.name}")
+        return masks
+
+
+@dataclass
+class Dataset:
+    name: str
+    root: str
+    layout: str
+    train: list
+    test: list
+
+    def video(self, name: str) -> Video:
+        """The test video with this name, else the training video (Avenue/MNAD reuse names in both)."""
+        for v in self.test + self.train:
+            if v.name == name:
+                return v
+        raise KeyError(f"{self.root}: no video named {name!r} in dataset {self.name}")
+
+    def summary(self) -> dict:
+        first = (self.train or self.test)[0]
+        return {
+            "dataset": self.name,
+            "train_videos": len(self.train),
+            "train_frames": int(sum(v.num_frames for v in self.train)),
+            "test_videos": len(self.test),
+            "test_frames": int(sum(v.num_frames for v in self.test)),
+            "anomalous_frames": int(sum(int(v.labels.sum()) for v in self.test if v.labels is not None)),
+            "videos_with_masks": int(sum(v.has_masks for v in self.test)),
+            "frame_shape": [int(first.frame_shape[0]), int(first.frame_shape[1])],
+        }
+
+
+def default_cache_dir() -> str:
+    """env VAD_CACHE_DIR, else ~/.cache/vad."""
+    return os.environ.get("VAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vad")
+
+
+# --------------------------------------------------------------------------------------------------
+# Small file helpers
+# --------------------------------------------------------------------------------------------------
+
+def _is_junk(filename: str) -> bool:
+    """macOS AppleDouble files, Finder/Explorer litter and editor backups."""
+    return (filename.startswith(".") or filename.endswith("~") or filename == "Thumbs.db"
+            or filename.lower() == "desktop.ini")
+
+
+def _frame_number(filename: str) -> int:
+    """The last run of digits in the file stem: '001.tif' -> 1, 'frame012.bmp' -> 12."""
+    digits = re.findall(r"\d+", os.path.splitext(filename)[0])
+    return int(digits[-1]) if digits else -1
+
+
+def _list_images(folder: str) -> list:
+    """Image files in `folder`, junk skipped, sorted by the number in their names."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        raise DataError(f"{folder}: folder not found (expected a folder of image frames)") from None
+    except NotADirectoryError:
+        raise DataError(f"{folder}: not a folder (expected a folder of image frames)") from None
+    names = [n for n in names if not _is_junk(n) and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    names.sort(key=lambda n: (_frame_number(n), n))
+    numbers = [_frame_number(n) for n in names]
+    for a, b, na, nb in zip(numbers, numbers[1:], names, names[1:]):
+        if a == b and a >= 0:
+            raise DataError(f"{folder}: two files for frame {a} ({na}, {nb}); expected one image per frame")
+    return [os.path.join(folder, n) for n in names]
+
+
+def _video_frames(folder: str) -> list:
+    files = _list_images(folder)
+    if not files:
+        raise DataError(f"{folder}: no image frames (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _natural_key(name: str) -> list:
+    """Sort key comparing digit runs as numbers: 'Test2' < 'Test10', '01_0014' < '02_0001'."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _subdirs(folder: str, pattern: str) -> list:
+    """Sub-folders of `folder` whose names fully match `pattern`, in natural order."""
+    names = [n for n in os.listdir(folder) if not _is_junk(n) and re.fullmatch(pattern, n)
+             and os.path.isdir(os.path.join(folder, n))]
+    return sorted(names, key=_natural_key)
+
+
+def _decode_image(path: str, gray: bool) -> np.ndarray:
+    # np.fromfile + imdecode: a corrupt file gives None silently (imread would log to stderr), and
+    # non-ASCII paths work on every platform.
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image file ({e.strerror or e})") from None
+    img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise DataError(f"{path}: cannot decode image (expected a valid {os.path.splitext(path)[1]} file)")
+    return img if gray else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _read_images(paths: list, gray: bool) -> np.ndarray:
+    """Decode image files into one (T,H,W[,3]) uint8 array; threads help because cv2 releases the GIL."""
+    with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+        images = list(pool.map(lambda p: _decode_image(p, gray), paths))
+    shape = images[0].shape
+    for path, img in zip(paths, images):
+        if img.shape != shape:
+            raise DataError(f"{path}: image is {img.shape[0]}x{img.shape[1]}, expected "
+                            f"{shape[0]}x{shape[1]} like {os.path.basename(paths[0])}")
+    return np.stack(images)
+
+
+def _image_shape(path: str) -> tuple:
+    """(H, W) of one image; readers call it on the first frame of each video only."""
+    return tuple(_decode_image(path, gray=True).shape[:2])
+
+
+def _open_video(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: video file not found")
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise DataError(f"{path}: cannot open video (expected a readable {os.path.splitext(path)[1]} file)")
+    return cap
+
+
+def _video_file_info(path: str) -> tuple:
+    """(num_frames, (H, W)) from the container header, without decoding."""
+    cap = _open_video(path)
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    shape = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+    cap.release()
+    if n <= 0 or shape[0] <= 0:
+        raise DataError(f"{path}: video reports no frames (expected a readable video)")
+    return n, shape
+
+
+def _read_video_file(path: str, start: int, count: int, gray: bool) -> np.ndarray:
+    cap = _open_video(path)
+    # Skip by grabbing instead of seeking: CAP_PROP_POS_FRAMES is not frame-exact for every codec.
+    for _ in range(start):
+        if not cap.grab():
+            break
+    frames = []
+    while len(frames) < count:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY if gray else cv2.COLOR_BGR2RGB))
+    cap.release()
+    if len(frames) != count:
+        raise DataError(f"{path}: expected {count} frames from frame {start}, decoded {len(frames)}")
+    return np.stack(frames)
+
+
+def _atomic_write(path: str, write_fn, suffix: str = "") -> None:
+    """Write through a temp file in the same folder, then os.replace: readers never see a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _runs(labels: np.ndarray) -> list:
+    """[(start, end)] 0-based inclusive runs of ones."""
+    padded = np.concatenate([[0], np.asarray(labels, dtype=np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _labels_from_ranges(ranges, num_frames: int, where: str) -> np.ndarray:
+    """1-based inclusive (start, end) ranges -> (T,) uint8; a range past the video is a DataError."""
+    labels = np.zeros(num_frames, dtype=np.uint8)
+    for a, b in ranges:
+        a, b = int(a), int(b)
+        if not 1 <= a <= b <= num_frames:
+            raise DataError(f"{where}: abnormal range {a}:{b} does not fit the video's {num_frames} frames")
+        labels[a - 1:b] = 1
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# UCSD original layout (also used by the synthetic dataset)
+# --------------------------------------------------------------------------------------------------
+
+def _parse_ucsd_m(path: str) -> list:
+    """Ranges per test video from `TestVideoFile{end+1}.gt_frame = [a:b, c:d];` lines (1-based, inclusive)."""
+    with open(path, "r", errors="replace") as f:
+        text = f.read()
+    videos = []
+    for body in re.findall(r"gt_frame\s*=\s*\[([^\]]*)\]", text):
+        ranges = []
+        for part in re.split(r"[,;\s]+", body.strip()):
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)(?::(\d+))?", part)
+            if m is None:
+                raise DataError(f"{path}: cannot parse gt_frame entry {part!r} (expected a:b ranges)")
+            ranges.append((int(m.group(1)), int(m.group(2) or m.group(1))))
+        videos.append(ranges)
+    if not videos:
+        raise DataError(f"{path}: no 'TestVideoFile{{end+1}}.gt_frame = [a:b];' lines found")
+    return videos
+
+
+def _find_ucsd(data_root: str, folder: str):
+    for cand in (os.path.join(data_root, "UCSD_Anomaly_Dataset.v1p2", folder), os.path.join(data_root, folder)):
+        if os.path.isdir(os.path.join(cand, "Train")) or os.path.isdir(os.path.join(cand, "Test")):
+            return cand
+    if os.path.basename(os.path.normpath(data_root)) == folder and os.path.isdir(data_root):
+        return data_root
+    return None
+
+
+def _read_ucsd(root: str, name: str) -> Dataset:
+    folder = os.path.basename(os.path.normpath(root))
+    train_dir, test_dir = os.path.join(root, "Train"), os.path.join(root, "Test")
+    for d in (train_dir, test_dir):
+        if not os.path.isdir(d):
+            raise DataError(f"{d}: folder not found (expected the UCSD layout {folder}/Train, {folder}/Test)")
+    train = []
+    for vname in _subdirs(train_dir, r"Train\d+"):
+        files = _video_frames(os.path.join(train_dir, vname))
+        train.append(Video(vname, "train", len(files), _image_shape(files[0]), None, False,
+                           os.path.join(train_dir, vname), frame_files=files))
+    test_names = _subdirs(test_dir, r"Test\d+")
+    if not train or not test_names:
+        raise DataError(f"{root}: expected TrainNNN folders in Train/ and TestNNN folders in Test/")
+
+    m_path = os.path.join(test_dir, folder + ".m")
+    if not os.path.isfile(m_path):
+        others = [n for n in os.listdir(test_dir) if n.endswith(".m") and not _is_junk(n)]
+        if len(others) != 1:
+            raise DataError(f"{m_path}: label file not found (expected the UCSD frame-label .m file)")
+        m_path = os.path.join(test_dir, others[0])
+    ranges = _parse_ucsd_m(m_path)
+    if len(ranges) != len(test_names):
+        raise DataError(f"{m_path}: has labels for {len(ranges)} videos, expected {len(test_names)} "
+                        f"(one per TestNNN folder)")
+
+    test = []
+    for vname, vranges in zip(test_names, ranges):
+        vdir = os.path.join(test_dir, vname)
+        files = _video_frames(vdir)
+        labels = _labels_from_ranges(vranges, len(files), f"{m_path} ({vname})")
+        gt_dir = os.path.join(test_dir, vname + "_gt")
+        masks = _list_images(gt_dir) if os.path.isdir(gt_dir) else []
+        if masks and len(masks) != len(files):
+            raise DataError(f"{gt_dir}: has {len(masks)} masks, expected {len(files)} (one per frame of {vname})")
+        test.append(Video(vname, "test", len(files), _image_shape(files[0]), labels, bool(masks), vdir,
+                          frame_files=files, mask_files=masks or None))
+    return Dataset(name, os.path.abspath(root), "ucsd", train, test)
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic dataset: a small UCSD-layout dataset generated from a seed
+# --------------------------------------------------------------------------------------------------
+
+SYNTHETIC_VERSION = 1
+_SYN_H, _SYN_W, _SYN_T = 120, 180, 80
+_SYN_TRAIN, _SYN_TEST = 8, 6
+_WALK_TOP, _WALK_BOTTOM = 46, 84          # walkway rows [top, bottom); pedestrians' feet stay inside
+
+
+def _syn_scene(rng) -> np.ndarray:
+    """Static gray scene: blurred-noise texture, a brighter walkway band with curbs, a few static shapes."""
+    H, W = _SYN_H, _SYN_W
+    coarse = cv2.GaussianBlur(rng.normal(0, 1, (H, W)).astype(np.float32), (0, 0), 2.5)
+    coarse /= coarse.std() + 1e-6
+    fine = rng.normal(0, 1, (H, W)).astype(np.float32)
+    scene = 95 + 16 * coarse + 6 * fine
+    scene[_WALK_TOP:_WALK_BOTTOM] = 170 + 3 * coarse[_WALK_TOP:_WALK_BOTTOM] + 2 * fine[_WALK_TOP:_WALK_BOTTOM]
+    scene[_WALK_TOP - 2:_WALK_TOP] = 135
+    scene[_WALK_BOTTOM:_WALK_BOTTOM + 2] = 135
+    # benches (dark boxes) and shrubs (blobs) off the walkway
+    for _ in range(3):
+        y = int(rng.choice([rng.integers(6, _WALK_TOP - 16), rng.integers(_WALK_BOTTOM + 6, H - 14)]))
+        x = int(rng.integers(5, W - 30))
+        cv2.rectangle(scene, (x, y), (x + int(rng.integers(14, 26)), y + int(rng.integers(5, 9))), 60, -1)
+    for _ in range(3):
+        y = int(rng.choice([rng.integers(8, _WALK_TOP - 10), rng.integers(_WALK_BOTTOM + 8, H - 8)]))
+        cv2.circle(scene, (int(rng.integers(8, W - 8)), y), int(rng.integers(4, 8)), 130, -1)
+    return scene
+
+
+def _syn_person(layer, x, y, phase, arms=False):
+    """Head + body + legs, feet at (x, y); the legs swing with the walking phase (gait wobble)."""
+    x, y = int(round(x)), int(round(y))
+    swing = int(round(2.5 * math.sin(phase)))
+    bob = int(round(0.6 * abs(math.sin(phase))))
+    cv2.circle(layer, (x, y - 16 - bob), 2, 1, -1)
+    cv2.ellipse(layer, (x, y - 9 - bob), (3, 5), 0, 0, 360, 1, -1)
+    cv2.line(layer, (x, y - 5), (x - swing, y), 1, 2)
+    cv2.line(layer, (x, y - 5), (x + swing, y), 1, 2)
+    if arms:
+        cv2.line(layer, (x - 7, y - 11 - bob), (x + 7, y - 11 - bob), 1, 2)
+
+
+def _syn_bike(layer, x, y, direction):
+    """Two wheels, a frame and an upright rider: wider than a pedestrian and a different outline."""
+    x, y = int(round(x)), int(round(y))
+    cv2.circle(layer, (x - 7, y - 4), 4, 1, 2)
+    cv2.circle(layer, (x + 7, y - 4), 4, 1, 2)
+    cv2.line(layer, (x - 7, y - 4), (x + 7, y - 4), 1, 2)
+    cv2.line(layer, (x, y - 4), (x + 2 * direction, y - 14), 1, 2)
+    cv2.circle(layer, (x + 2 * direction, y - 19), 3, 1, -1)
+    cv2.line(layer, (x + 2 * direction, y - 13), (x + 7 * direction, y - 10), 1, 2)
+
+
+def _syn_cart(layer, x, y):
+    """A large box on wheels, about 30 x 20 px: twice a pedestrian's width and area."""
+    x, y = int(round(x)), int(round(y))
+    cv2.rectangle(layer, (x - 15, y - 22), (x + 15, y - 4), 1, -1)
+    cv2.circle(layer, (x - 10, y - 2), 2, 1, -1)
+    cv2.circle(layer, (x + 10, y - 2), 2, 1, -1)
+
+
+def _syn_video(scene, rng, num_frames, anomaly_start=None, kinds=()):
+    """(frames (T,H,W) uint8, masks (T,H,W) bool). Anomalies appear from `anomaly_start` to the end."""
+    H, W = scene.shape
+    frames = np.empty((num_frames, H, W), np.uint8)
+    masks = np.zeros((num_frames, H, W), bool)
+    layer = np.zeros((H, W), np.uint8)
+
+    def new_person(at_edge):
+        d = 1 if rng.random() < 0.5 else -1
+        x = (-8.0 if d > 0 else W + 8.0) if at_edge else float(rng.uniform(10, W - 10))
+        return dict(x=x, y=float(rng.uniform(_WALK_TOP + 18, _WALK_BOTTOM - 2)), vx=d * float(rng.uniform(1.0, 2.0)),
+                    vy=0.0, phase=float(rng.uniform(0, 6.3)), shade=float(rng.uniform(30, 60)))
+
+    people = [new_person(False) for _ in range(int(rng.integers(2, 4)))]
+    anomalies = []          # dicts with kind, x, y, vx, vy, shade
+    for t in range(num_frames):
+        img = scene.copy()
+        # normal pedestrians: a few at a time, entering at either end of the walkway
+        if len(people) < 4 and rng.random() < 0.08:
+            people.append(new_person(True))
+        for p in people:
+            layer[:] = 0
+            _syn_person(layer, p["x"], p["y"], p["phase"])
+            img[layer > 0] = p["shade"]
+            p["x"] += p["vx"]
+            p["phase"] += 0.6
+        people = [p for p in people if -12 <= p["x"] <= W + 12]
+
+        if anomaly_start is not None and t >= anomaly_start:
+            if t == anomaly_start:
+                for kind in kinds:
+                    d = 1 if rng.random() < 0.5 else -1
+                    if kind == "cart":      # enters from the side, already partly visible, slow
+                        anomalies.append(dict(kind=kind, x=-8.0 if d > 0 else W + 8.0, vx=d * float(rng.uniform(1.0, 1.5)),
+                                              y=float(rng.uniform(_WALK_TOP + 24, _WALK_BOTTOM - 1)), vy=0.0, shade=20.0))
+                    elif kind == "offwalk":  # a pedestrian on the textured ground above/below the walkway
+                        top = rng.random() < 0.5
+                        anomalies.append(dict(kind=kind, x=float(rng.uniform(20, W - 20)), vx=d * float(rng.uniform(1.0, 1.8)),
+                                              y=float(rng.uniform(20, _WALK_TOP - 6) if top else rng.uniform(_WALK_BOTTOM + 20, H - 3)),
+                                              vy=float(rng.uniform(-0.3, 0.3)), shade=25.0, phase=0.0))
+            # fast movers (bike or skater) keep coming: a new one as soon as the previous one has left
+            if "fast" in kinds and not any(a["kind"] in ("bike", "skater") for a in anomalies):
+                d = 1 if rng.random() < 0.5 else -1
+                anomalies.append(dict(kind="bike" if rng.random() < 0.6 else "skater", x=-6.0 if d > 0 else W + 6.0,
+                                      vx=d * float(rng.uniform(6.0, 10.0)), y=float(rng.uniform(_WALK_TOP + 22, _WALK_BOTTOM - 2)),
+                                      vy=0.0, shade=15.0, phase=0.0))
+            for a in anomalies:
+                layer[:] = 0
+                if a["kind"] == "bike":
+                    _syn_bike(layer, a["x"], a["y"], 1 if a["vx"] > 0 else -1)
+                elif a["kind"] == "cart":
+                    _syn_cart(layer, a["x"], a["y"])
+                else:   # skater (arms spread, no stride) or off-walkway walker
+                    _syn_person(layer, a["x"], a["y"], a.get("phase", 0.0), arms=a["kind"] == "skater")
+                    a["phase"] = a.get("phase", 0.0) + (0.0 if a["kind"] == "skater" else 0.6)
+                img[layer > 0] = a["shade"]
+                masks[t] |= layer > 0
+                a["x"] += a["vx"]
+                a["y"] += a["vy"]
+            anomalies = [a for a in anomalies if -25 <= a["x"] <= W + 25]
+
+        img += rng.normal(0, 2.0, img.shape).astype(np.float32)     # mild sensor noise
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames, masks
+
+
+def _write_synthetic(dest: str, seed: int) -> None:
+    """Write the synthetic dataset in the UCSD layout into `dest` (named UCSDsynthetic)."""
+    scene = _syn_scene(np.random.default_rng((seed, 0)))
+    kinds_cycle = (("fast",), ("cart",), ("offwalk",), ("fast", "cart"), ("offwalk", "fast"), ("cart", "offwalk"))
+    png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    for i in range(_SYN_TRAIN):
+        frames, _ = _syn_video(scene, np.random.default_rng((seed, 1, i)), _SYN_T)
+        vdir = os.path.join(dest, "Train", f"Train{i + 1:03d}")
+        os.makedirs(vdir)
+        for t, f in enumerate(frames):
+            cv2.imwrite(os.path.join(vdir, f"{t + 1:03d}.png"), f, png)
+    lines = ["TestVideoFile = {};"]
+    for i in range(_SYN_TEST):
+        rng = np.random.default_rng((seed, 2, i))
+        start = int(rng.integers(38, 49))      # a normal stretch first, then ~40-50% abnormal frames
+        frames, masks = _syn_video(scene, rng, _SYN_T, start, kinds_cycle[i % len(kinds_cycle)])
+        vdir = os.path.join(dest, "Test", f"Test{i + 1:03d}")
+        os.makedirs(vdir)
+        os.makedirs(vdir + "_gt")
+        for t, (f, m) in enumerate(zip(frames, masks)):
+            cv2.imwrite(os.path.join(vdir, f"{t + 1:03d}.png"), f, png)
+            cv2.imwrite(os.path.join(vdir + "_gt", f"{t + 1:03d}.bmp"), m.astype(np.uint8) * 255)
+        labels = masks.reshape(len(masks), -1).any(axis=1)        # abnormal iff the mask is non-empty
+        ranges = ", ".join(f"{a + 1}:{b + 1}" for a, b in _runs(labels))
+        lines.append(f"TestVideoFile{{end+1}}.gt_frame = [{ranges}];")
+    with open(os.path.join(dest, "Test", os.path.basename(dest) + ".m"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(dest, "generator.json"), "w") as f:
+        json.dump({"version": SYNTHETIC_VERSION, "seed": seed, "frame_shape": [_SYN_H, _SYN_W]}, f)
+
+
+def _synthetic_root(cache_dir: str, seed: int) -> str:
+    """Generate once (atomic directory rename, safe against concurrent processes) and return the folder."""
+    parent = os.path.join(cache_dir, "synthetic", f"seed{seed}")
+    dest = os.path.join(parent, "UCSDsynthetic")
+    marker = os.path.join(dest, "generator.json")
+
+    def current():
+        try:
+            with open(marker) as f:
+                return json.load(f).get("version") == SYNTHETIC_VERSION
+        except (OSError, ValueError):
+            return False
+
+    if current():
+        return dest
+    os.makedirs(parent, exist_ok=True)
+    if os.path.isdir(dest) and not current():   # an older generator version: move it out of the way
+        stale = tempfile.mkdtemp(prefix=".stale-", dir=parent)
+        try:
+            os.replace(dest, os.path.join(stale, "UCSDsynthetic"))
+        except OSError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    work = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        _write_synthetic(os.path.join(work, "UCSDsynthetic"), seed)
+        try:
+            os.rename(os.path.join(work, "UCSDsynthetic"), dest)
+        except OSError:
+            if not current():   # lost a race only if the winner's copy is complete
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# Frames layout (MNAD / ano_pred / HF2-VAD) and ShanghaiTech campus
+# --------------------------------------------------------------------------------------------------
+
+# Folder names the frames layout uses for each dataset, and the names of its label files.
+_FRAMES_NAMES = {
+    "ped1": ("ped1",), "ped2": ("ped2",), "avenue": ("avenue", "Avenue"),
+    "shanghaitech": ("shanghaitech", "ShanghaiTech", "shanghai", "SHTech"),
+}
+
+
+def _find_frames_layout(name: str, data_root: str):
+    """(dataset folder, folder name) of a frames-layout dataset, or None."""
+    candidates = [(os.path.join(data_root, n), n) for n in _FRAMES_NAMES.get(name, ())]
+    candidates.append((data_root, os.path.basename(os.path.normpath(data_root))))
+    for folder, fname in candidates:
+        if os.path.isdir(os.path.join(folder, "testing", "frames")):
+            return folder, fname
+    return None
+
+
+def _scene_filter(names: list, scene: str | None, where: str) -> list:
+    if scene is None:
+        return names
+    prefix = (f"{int(scene):02d}" if str(scene).isdigit() else str(scene)) + "_"
+    kept = [n for n in names if n.startswith(prefix)]
+    if not kept:
+        raise DataError(f"{where}: no videos of scene {scene} (expected names starting with {prefix})")
+    return kept
+
+
+def _frames_layout_labels(name: str, folder: str, fname: str, data_root: str, videos: list) -> list:
+    """Frame labels for all (unfiltered) test videos, from the first source found:
+    testing/test_frame_mask/<video>.npy, <name>.mat (key gt), frame_labels_<name>.npy."""
+    mask_dir = os.path.join(folder, "testing", "test_frame_mask")
+    if os.path.isdir(mask_dir):
+        labels = []
+        for v in videos:
+            path = os.path.join(mask_dir, v.name + ".npy")
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: frame labels not found (expected one .npy per test video)")
+            lab = np.load(path).reshape(-1)
+            if len(lab) != v.num_frames:
+                raise DataError(f"{path}: has {len(lab)} labels, expected {v.num_frames} (frames in {v.source})")
+            labels.append((lab > 0).astype(np.uint8))
+        return labels
+    stems = [fname] + [n for n in _FRAMES_NAMES[name] if n != fname]
+    for d in (folder, data_root):
+        for stem in stems:
+            path = os.path.join(d, stem + ".mat")
+            if os.path.isfile(path):
+                gt = _loadmat(path, "gt").ravel()
+                if len(gt) != len(videos):
+                    raise DataError(f"{path}: gt has {len(gt)} videos, expected {len(videos)} (test videos found)")
+                labels = []
+                for v, ranges in zip(videos, gt):
+                    r = np.atleast_2d(np.asarray(ranges, dtype=np.int64))
+                    if r.size and r.shape[0] != 2 and r.shape[1] == 2:
+                        r = r.T                                  # K x 2 instead of 2 x K
+                    labels.append(_labels_from_ranges(zip(r[0], r[1]) if r.size else [], v.num_frames,
+                                                      f"{path} ({v.name})"))
+                return labels
+            path = os.path.join(d, f"frame_labels_{stem}.npy")
+            if os.path.isfile(path):
+                flat = np.load(path).reshape(-1)
+                total = sum(v.num_frames for v in videos)
+                if len(flat) != total:
+                    raise DataError(f"{path}: has {len(flat)} labels, expected {total} "
+                                    f"(all frames of the {len(videos)} test videos)")
+                ends = np.cumsum([v.num_frames for v in videos])
+                return [(part > 0).astype(np.uint8) for part in np.split(flat, ends[:-1])]
+    raise DataError(f"{folder}: no frame labels found (expected testing/test_frame_mask/*.npy, "
+                    f"{fname}.mat or frame_labels_{fname}.npy)")
+
+
+def _read_frames_layout(name: str, folder: str, fname: str, data_root: str, scene: str | None) -> Dataset:
+    train_frames = os.path.join(folder, "training", "frames")
+    train_videos = os.path.join(folder, "training", "videos")
+    test_frames = os.path.join(folder, "testing", "frames")
+    train = []
+    if os.path.isdir(train_frames):
+        for vname in _scene_filter(_subdirs(train_frames, r".+"), scene, train_frames):
+            files = _video_frames(os.path.join(train_frames, vname))
+            train.append(Video(vname, "train", len(files), _image_shape(files[0]), None, False,
+                               os.path.join(train_frames, vname), frame_files=files))
+    elif os.path.isdir(train_videos):       # ShanghaiTech ships its training set as .avi files
+        avis = sorted((n for n in os.listdir(train_videos) if not _is_junk(n) and n.lower().endswith(VIDEO_EXTENSIONS)),
+                      key=_natural_key)
+        for fn in _scene_filter(avis, scene, train_videos):
+            path = os.path.join(train_videos, fn)
+            n, shape = _video_file_info(path)
+            train.append(Video(os.path.splitext(fn)[0], "train", n, shape, None, False, path, video_file=path))
+    else:
+        raise DataError(f"{folder}: no training videos (expected training/frames/<video>/ or training/videos/*.avi)")
+
+    all_test = []
+    for vname in _subdirs(test_frames, r".+"):
+        files = _video_frames(os.path.join(test_frames, vname))
+        all_test.append(Video(vname, "test", len(files), _image_shape(files[0]), None, False,
+                              os.path.join(test_frames, vname), frame_files=files))
+    if not train or not all_test:
+        raise DataError(f"{folder}: expected video folders in training/ and testing/frames/")
+    for v, lab in zip(all_test, _frames_layout_labels(name, folder, fname, data_root, all_test)):
+        v.labels = lab
+    keep = set(_scene_filter([v.name for v in all_test], scene, test_frames))
+    test = [v for v in all_test if v.name in keep]
+    pixel_dir = os.path.join(folder, "testing", "test_pixel_mask")
+    for v in test:
+        path = os.path.join(pixel_dir, v.name + ".npy")
+        if os.path.isfile(path):
+            shape = np.load(path, mmap_mode="r").shape     # header only
+            if len(shape) != 3 or shape[0] != v.num_frames:
+                raise DataError(f"{path}: mask array has shape {shape}, expected ({v.num_frames}, H, W) "
+                                f"(frames in {v.source})")
+            v.has_masks, v.mask_file = True, path
+    return Dataset(name, os.path.abspath(folder), "frames", train, test)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUHK Avenue (original release: avi files + volLabel masks)
+# --------------------------------------------------------------------------------------------------
+
+def _loadmat(path: str, key: str):
+    import scipy.io
+    try:
+        data = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises ValueError/NotImplementedError (v7.3 HDF5)/OSError
+        raise DataError(f"{path}: cannot read .mat file ({type(e).__name__}: {e})") from None
+    if key not in data:
+        raise DataError(f"{path}: no variable {key!r} (expected the dataset's ground-truth file)")
+    return data[key]
+
+
+def _load_vollabel(path: str) -> np.ndarray:
+    """Avenue ground truth: volLabel, a 1xT cell of HxW masks -> (T,H,W) uint8."""
+    cells = _loadmat(path, "volLabel").ravel()
+    try:
+        return np.stack([np.asarray(c) for c in cells]).astype(np.uint8)
+    except ValueError:
+        raise DataError(f"{path}: volLabel masks differ in size (expected one HxW mask per frame)") from None
+
+
+def _find_avenue(data_root: str):
+    for n in ("Avenue Dataset", "Avenue_Dataset", "avenue", "Avenue", "CUHK_Avenue", ""):
+        folder = os.path.join(data_root, n) if n else data_root
+        if os.path.isdir(os.path.join(folder, "testing_videos")):
+            return folder
+    return None
+
+
+def _numbered_videos(folder: str) -> list:
+    names = [n for n in os.listdir(folder) if not _is_junk(n) and n.lower().endswith(VIDEO_EXTENSIONS)]
+    if not names:
+        raise DataError(f"{folder}: no video files (expected NN.avi)")
+    return sorted(names, key=_natural_key)
+
+
+def _read_avenue(folder: str, data_root: str, cache_dir: str | None) -> Dataset:
+    train_dir, test_dir = os.path.join(folder, "training_videos"), os.path.join(folder, "testing_videos")
+    if not os.path.isdir(train_dir):
+        raise DataError(f"{train_dir}: folder not found (expected Avenue training_videos/NN.avi)")
+    label_dir = None
+    for d in (folder, data_root, os.path.dirname(os.path.abspath(folder))):
+        cand = os.path.join(d, "ground_truth_demo", "testing_label_mask")
+        if os.path.isdir(cand):
+            label_dir = cand
+            break
+    if label_dir is None:
+        raise DataError(f"{os.path.join(folder, 'ground_truth_demo', 'testing_label_mask')}: folder not found "
+                        f"(expected the Avenue ground_truth_demo with <n>_label.mat files)")
+    train = []
+    for fn in _numbered_videos(train_dir):
+        path = os.path.join(train_dir, fn)
+        n, shape = _video_file_info(path)
+        train.append(Video(os.path.splitext(fn)[0], "train", n, shape, None, False, path, video_file=path))
+    test = []
+    for fn in _numbered_videos(test_dir):
+        path = os.path.join(test_dir, fn)
+        n, shape = _video_file_info(path)
+        mat = os.path.join(label_dir, f"{_frame_number(fn)}_label.mat")     # not zero-padded: 1_label.mat
+        if not os.path.isfile(mat):
+            raise DataError(f"{mat}: label file not found (expected one <n>_label.mat per testing video)")
+        labels = _cached_labels(mat, cache_dir, lambda: _load_vollabel(mat))
+        if len(labels) != n:
+            raise DataError(f"{mat}: has {len(labels)} masks, expected {n} (frames in {path})")
+        test.append(Video(os.path.splitext(fn)[0], "test", n, shape, labels, True, path, video_file=path,
+                          mask_file=mat))
+    return Dataset("avenue", os.path.abspath(folder), "avenue", train, test)
+
+
+def _cached_labels(mat: str, cache_dir: str | None, load_masks) -> np.ndarray:
+    """Frame labels (any mask pixel set) of a mask file, cached: Avenue's volLabel files take seconds
+    to decompress and the labels are needed every time the dataset is listed."""
+    st = os.stat(mat)
+    key = hashlib.sha1(json.dumps([os.path.abspath(mat), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), "labels", f"{os.path.basename(mat)}_{key}.npy")
+    cached = _load_cached(path)
+    if cached is not None:
+        return np.array(cached)
+    masks = load_masks()
+    return np.array(_save_cached(path, masks.reshape(len(masks), -1).any(axis=1).astype(np.uint8)))
+
+
+# --------------------------------------------------------------------------------------------------
+# UMN (one avi; the user supplies clip and label ranges)
+# --------------------------------------------------------------------------------------------------
+
+_UMN_AVI = "Crowd-Activity-All.avi"
+
+
+def _find_umn_avi(data_root: str):
+    for d in ("UMN", "umn", ""):
+        path = os.path.join(data_root, d, _UMN_AVI) if d else os.path.join(data_root, _UMN_AVI)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_umn_labels(path: str) -> list:
+    """UMN clips from a label file. All frame numbers are 1-based, inclusive, counted in the avi.
+
+    JSON:  {"clips": [{"name": "lawn_train", "split": "train", "frames": [1, 480]},
+                      {"name": "lawn_test", "split": "test", "frames": [481, 625], "abnormal": [[530, 625]]}]}
+    Text:  one clip per line, `name split start-end [abnormal-start-abnormal-end ...]`, '#' starts a comment:
+           lawn_train train 1-480
+           lawn_test  test  481-625 530-625
+    Returns [(name, split, start, end, [(a, b), ...])].
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: UMN label file not found (expected JSON or text frame ranges, see common.py)")
+    with open(path) as f:
+        text = f.read()
+    clips = []
+    try:
+        if text.lstrip().startswith("{"):
+            for c in json.loads(text)["clips"]:
+                clips.append((str(c["name"]), str(c["split"]), int(c["frames"][0]), int(c["frames"][1]),
+                              [(int(a), int(b)) for a, b in c.get("abnormal", [])]))
+        else:
+            for line in text.splitlines():
+                parts = line.split("#", 1)[0].split()
+                if not parts:
+                    continue
+                ranges = [tuple(int(x) for x in p.split("-")) for p in parts[2:]]
+                if len(parts) < 3 or any(len(r) != 2 for r in ranges):
+                    raise ValueError(line)
+                clips.append((parts[0], parts[1], ranges[0][0], ranges[0][1], ranges[1:]))
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{path}: cannot parse UMN labels ({type(e).__name__}: {e}); expected "
+                        f"'name split start-end [a-b ...]' lines or JSON with a 'clips' list") from None
+    if not clips:
+        raise DataError(f"{path}: no clips (expected at least one train and one test clip)")
+    return clips
+
+
+def _read_umn(data_root: str, labels_file: str | None) -> Dataset:
+    avi = _find_umn_avi(data_root)
+    if avi is None:
+        raise DataError(f"{os.path.join(data_root, 'UMN', _UMN_AVI)}: video not found (expected the UMN {_UMN_AVI})")
+    if labels_file is None:
+        for cand in ("umn_labels.json", "umn_labels.txt"):
+            if os.path.isfile(os.path.join(os.path.dirname(avi), cand)):
+                labels_file = os.path.join(os.path.dirname(avi), cand)
+        if labels_file is None:
+            raise DataError(f"{avi}: UMN has no official label file; pass --labels-file with frame ranges "
+                            f"(expected JSON or text, see common.py _read_umn_labels)")
+    total, shape = _video_file_info(avi)
+    train, test = [], []
+    for name, split, start, end, abnormal in _read_umn_labels(labels_file):
+        where = f"{labels_file} ({name})"
+        if split not in ("train", "test"):
+            raise DataError(f"{where}: split {split!r}, expected train or test")
+        if not 1 <= start <= end <= total:
+            raise DataError(f"{where}: frames {start}-{end} do not fit {avi} ({total} frames)")
+        n = end - start + 1
+        labels = None
+        if split == "test":
+            labels = _labels_from_ranges([(a - start + 1, b - start + 1) for a, b in abnormal], n, where)
+        elif abnormal:
+            raise DataError(f"{where}: a training clip has abnormal ranges (expected only normal frames)")
+        (train if split == "train" else test).append(
+            Video(name, split, n, shape, labels, False, avi, video_file=avi, start=start - 1))
+    if not train or not test:
+        raise DataError(f"{labels_file}: expected at least one train clip and one test clip")
+    return Dataset("umn", os.path.abspath(os.path.dirname(avi)), "umn", train, test)
+
+
+# --------------------------------------------------------------------------------------------------
+# load_dataset
+# --------------------------------------------------------------------------------------------------
+
+def load_dataset(name: str, data_root: str | None = None, *, scene: str | None = None,
+                 labels_file: str | None = None, cache_dir: str | None = None, seed: int = 0) -> Dataset:
+    """Find and list a dataset under `data_root` (frames are not decoded here).
+
+    "synthetic" is generated once into <cache_dir>/synthetic/seed<seed>/UCSDsynthetic; data_root is unused.
+    """
+    if name not in DATASETS:
+        raise DataError(f"{name}: unknown dataset (expected one of {', '.join(DATASETS)})")
+    if name == "synthetic":
+        root = _synthetic_root(cache_dir or default_cache_dir(), seed)
+        return _read_ucsd(root, "synthetic")
+    data_root = data_root or os.environ.get("VAD_DATA_ROOT") or "./data"
+    if not os.path.isdir(data_root):
+        raise DataError(f"{data_root}: data root folder not found (expected a folder holding the {name} dataset; "
+                        f"set --data-root or VAD_DATA_ROOT)")
+    if name in ("ped1", "ped2"):
+        folder = "UCSDped1" if name == "ped1" else "UCSDped2"
+        root = _find_ucsd(data_root, folder)
+        if root is not None:
+            return _read_ucsd(root, name)
+        expected = f"{data_root}/UCSD_Anomaly_Dataset.v1p2/{folder}, {data_root}/{folder} or {data_root}/{name}/testing/frames"
+    elif name == "avenue":
+        root = _find_avenue(data_root)
+        if root is not None:
+            return _read_avenue(root, data_root, cache_dir)
+        expected = f"{data_root}/Avenue Dataset/testing_videos or {data_root}/avenue/testing/frames"
+    elif name == "shanghaitech":
+        expected = f"{data_root}/shanghaitech/testing/frames"
+    else:
+        return _read_umn(data_root, labels_file)
+    found = _find_frames_layout(name, data_root)
+    if found is not None:
+        return _read_frames_layout(name, found[0], found[1], data_root, scene)
+    raise DataError(f"{data_root}: no {name} dataset found (expected {expected})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame and flow caches
+# --------------------------------------------------------------------------------------------------
+
+def _cache_key(video: Video, *parts) -> str:
+    """Key: absolute source path, video name, frame range, source mtime (a regenerated or replaced
+    dataset gets fresh entries) and the caller's parameters (size, colour, flow method/params)."""
+    try:
+        mtime = os.stat(video.source).st_mtime_ns
+    except OSError:
+        mtime = 0
+    desc = json.dumps([os.path.abspath(video.source), video.name, video.start, video.num_frames, mtime,
+                       [str(p) for p in parts]])
+    return hashlib.sha1(desc.encode()).hexdigest()[:16]
+
+
+def _cache_path(cache_dir: str | None, kind: str, video: Video, label: str, *parts) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", video.name)
+    return os.path.join(cache_dir or default_cache_dir(), kind, f"{safe}_{label}_{_cache_key(video, label, *parts)}.npy")
+
+
+def _load_cached(path: str):
+    """The cached array as a read-only memmap, or None if absent or unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return None
+
+
+def _save_cached(path: str, array: np.ndarray) -> np.ndarray:
+    _atomic_write(path, lambda f: np.save(f, array))
+    return np.load(path, mmap_mode="r")
+
+
+def _resize_frames(frames: np.ndarray, size) -> np.ndarray:
+    H, W = int(size[0]), int(size[1])
+    if frames.shape[1:3] == (H, W):
+        return frames
+    return np.stack([cv2.resize(f, (W, H), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def load_frames(video: Video, size: tuple | None = None, gray: bool = True, cache_dir: str | None = None) -> np.ndarray:
+    """uint8 (T,H,W) or (T,H,W,3) RGB at size=(H, W) (INTER_AREA; None = native), a read-only memmap
+    of the cache entry, built on the first call."""
+    size = tuple(int(s) for s in (size or video.frame_shape))
+    path = _cache_path(cache_dir, "frames", video, f"{size[0]}x{size[1]}_{'gray' if gray else 'rgb'}")
+    cached = _load_cached(path)
+    if cached is not None:
+        return cached
+    return _save_cached(path, _resize_frames(video.read_frames(gray), size))
+
+
+def _flow_params(method: str) -> dict:
+    if method == "farneback":
+        return dict(FARNEBACK_PARAMS)
+    if method == "dis":
+        return dict(preset="medium")
+    raise DataError(f"{method}: unknown optical flow method (expected one of {', '.join(FLOW_METHODS)})")
+
+
+def _flow_chunk(task) -> np.ndarray:
+    """Worker: flows between consecutive frames start..stop of a cached gray-frame .npy -> float16
+    (stop-start, H, W, 2). Workers open the memmap themselves, so no frames are pickled."""
+    method, frames_path, start, stop = task
+    cv2.setNumThreads(1)      # one process per core already; OpenCV's own threads would oversubscribe
+    frames = np.load(frames_path, mmap_mode="r")
+    out = np.empty((stop - start,) + frames.shape[1:3] + (2,), np.float16)
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM) if method == "dis" else None
+    prev = np.asarray(frames[start])
+    for t in range(start, stop):
+        nxt = np.asarray(frames[t + 1])
+        if dis is not None:
+            out[t - start] = dis.calc(prev, nxt, None)
+        else:
+            out[t - start] = cv2.calcOpticalFlowFarneback(prev, nxt, None, **FARNEBACK_PARAMS)
+        prev = nxt
+    return out
+
+
+_POOL_MIN_FRAMES = 64
+
+
+def _flow_pool(workers: int):
+    """A process pool, or None for in-process work. 'spawn' because forking a process that already runs
+    OpenCV/torch threads can deadlock; the workers import only this module."""
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1:
+        return None
+    import multiprocessing
+    return multiprocessing.get_context("spawn").Pool(workers)
+
+
+def _flows_for(videos: list, size, method: str, cache_dir, workers: int, desc: str) -> dict:
+    """Flows for several videos: cached ones are memmapped, the rest computed in one shared pool
+    (chunks of 16 frame pairs from all videos queued together, so no core idles between videos)."""
+    size = tuple(int(s) for s in size)
+    params = _flow_params(method)
+    out, todo = {}, []
+    for v in videos:
+        path = _cache_path(cache_dir, "flows", v, f"{size[0]}x{size[1]}_{method}", json.dumps(params, sort_keys=True))
+        out[v.name] = _load_cached(path)
+        if out[v.name] is None:
+            todo.append((v, path))
+    if not todo:
+        return out
+    tasks, owner = [], []
+    for v, path in tqdm(todo, desc="frames for flow", unit="video", disable=len(todo) < 2):
+        frames_path = load_frames(v, size, gray=True, cache_dir=cache_dir).filename
+        for s in range(0, v.num_frames - 1, 16):
+            tasks.append((method, frames_path, s, min(s + 16, v.num_frames - 1)))
+            owner.append((v, path))
+    parts = {v.name: [] for v, _ in todo}
+    total = sum(v.num_frames - 1 for v, _ in todo)
+    # starting worker processes costs about a second; not worth it for a few dozen frame pairs
+    pool = _flow_pool(workers) if total >= _POOL_MIN_FRAMES else None
+    t0 = time.time()
+    try:
+        results = pool.imap(_flow_chunk, tasks) if pool is not None else map(_flow_chunk, tasks)
+        with tqdm(total=total, desc=desc, unit="frame") as bar:
+            for (v, path), part, task in zip(owner, results, tasks):
+                parts[v.name].append(part)
+                bar.update(len(part))
+                if task[3] == v.num_frames - 1:      # last chunk of this video: cache it
+                    out[v.name] = _save_cached(path, np.concatenate(parts.pop(v.name)))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    for v, path in todo:     # single-frame videos have no pairs, hence no task
+        if out[v.name] is None:
+            out[v.name] = _save_cached(path, np.zeros((0,) + size + (2,), np.float16))
+    dt = max(time.time() - t0, 1e-9)
+    print(f"optical flow ({method}, {size[0]}x{size[1]}): {total} frames in {dt:.1f} s = {total / dt:.1f} frames/s")
+    return {v.name: out[v.name] for v in videos}
+
+
+def load_flows(video: Video, size: tuple, method: str = "farneback", cache_dir: str | None = None,
+               workers: int = 0) -> np.ndarray:
+    """float16 (T-1, H, W, 2): flows[t] = optical flow (pixels at `size`, dx then dy) from frame t to
+    frame t+1, computed on gray frames at that size; cached like frames. workers=0 -> os.cpu_count()."""
+    return _flows_for([video], size, method, cache_dir, workers, f"flow {video.name}")[video.name]
+
+
+def load_split_frames(ds: Dataset, split: str, size, gray: bool = True, cache_dir: str | None = None) -> dict:
+    """{video name: frames} for one split ("train" or "test"), in dataset order."""
+    videos = _split_videos(ds, split)
+    return {v.name: load_frames(v, size, gray, cache_dir) for v in tqdm(videos, desc=f"frames {ds.name}/{split}", unit="video")}
+
+
+def load_split_flows(ds: Dataset, split: str, size, method: str = "farneback", cache_dir: str | None = None,
+                     workers: int = 0) -> dict:
+    """{video name: flows} for one split, in dataset order; prints frames/s when anything was computed."""
+    return _flows_for(_split_videos(ds, split), size, method, cache_dir, workers, f"flow {ds.name}/{split}")
+
+
+def _split_videos(ds: Dataset, split: str) -> list:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return ds.train if split == "train" else ds.test
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows and clips
+# --------------------------------------------------------------------------------------------------
+
+def window_indices(num_frames: int, before: int, after: int) -> np.ndarray:
+    """(N, before+1+after) int64 indices of every full window; row i is centred at frame before+i."""
+    width = before + 1 + after
+    n = max(num_frames - width + 1, 0)
+    return np.arange(n, dtype=np.int64)[:, None] + np.arange(width, dtype=np.int64)[None, :]
+
+
+def clip_starts(num_frames: int, length: int, stride: int) -> np.ndarray:
+    """Starts of clips [s, s+length) every `stride` frames, plus a last clip ending at num_frames."""
+    if num_frames < length:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.arange(0, num_frames - length + 1, stride, dtype=np.int64)
+    if starts[-1] + length < num_frames:
+        starts = np.append(starts, num_frames - length)
+    return starts
+
+
+# --------------------------------------------------------------------------------------------------
+# Run plumbing shared by the five scripts
+# --------------------------------------------------------------------------------------------------
+
+def build_parser(method: str, description: str) -> argparse.ArgumentParser:
+    """The flags every method script shares; a script adds its own after these."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(method=method)
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic", help="dataset to train/test on")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets (default: env VAD_DATA_ROOT, else ./data)")
+    p.add_argument("--train", action="store_true", help="train (with neither --train nor --test: both)")
+    p.add_argument("--test", action="store_true", help="test (with neither --train nor --test: both)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's / the method's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the paper's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    p.add_argument("--seed", type=int, default=0, help="random seed (also selects the synthetic dataset)")
+    p.add_argument("--out", default=None, help=f"output folder (default: runs/{method}/<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue training from <out>/model.pt")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for flow/data (0 = all cores)")
+    p.add_argument("--cache-dir", default=None, help="frame/flow cache (default: env VAD_CACHE_DIR, else ~/.cache/vad)")
+    p.add_argument("--scene", default=None, help="ShanghaiTech scene filter, e.g. 01")
+    p.add_argument("--labels-file", default=None, help="UMN frame-range label file (JSON or text, see common.py)")
+    p.add_argument("--download", action="store_true", help="download the public dataset archives into --data-root first")
+    p.add_argument("--normalize", choices=("none", "video_minmax"), default=None,
+                   help="score normalisation for evaluation (default: the paper's protocol)")
+    p.add_argument("--smooth", default="none", help="score smoothing: none, gaussian:SIGMA or median:K")
+    p.add_argument("--num-panels", type=int, default=4, help="example panels to plot")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse and resolve defaults: data_root, cache_dir, out, device (torch.device), train/test."""
+    args = parser.parse_args(argv)
+    args.data_root = args.data_root or os.environ.get("VAD_DATA_ROOT") or "./data"
+    args.cache_dir = args.cache_dir or default_cache_dir()
+    args.out = args.out or os.path.join("runs", args.method, args.dataset)
+    if not args.train and not args.test:
+        args.train = args.test = True
+    import torch
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        raise DataError(f"--device {args.device}: not a torch device ({e})") from None
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: CUDA is not available on this machine (expected --device cpu)")
+    if getattr(args, "download", False):
+        download_dataset(args.dataset, args.data_root)
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """torch.save through a temp file + os.replace, so an interrupted save never leaves a broken model.pt."""
+    import torch
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load(weights_only=True); a missing or unreadable file is a DataError naming it."""
+    import torch
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found (expected a model.pt written by --train)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated/foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: cannot load checkpoint ({first})") from None
+
+
+def _json_safe(obj):
+    """Plain JSON types: numpy scalars/arrays, tuples, paths, devices converted; NaN/inf become None."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def args_to_dict(args) -> dict:
+    """JSON-safe copy of an argparse namespace (torch.device -> 'cpu', etc.)."""
+    return _json_safe(vars(args))
+
+
+def check_finite(loss, where: str) -> None:
+    """Raise TrainingError if `loss` (tensor or number) has a NaN/inf."""
+    if hasattr(loss, "detach"):
+        import torch
+        ok = bool(torch.isfinite(loss.detach()).all())
+    else:
+        ok = bool(np.all(np.isfinite(np.asarray(loss, dtype=np.float64))))
+    if not ok:
+        raise TrainingError(f"non-finite loss at {where}; nothing saved")
+
+
+def write_scores(path: str, frame_scores: dict, maps: dict | None, meta: dict) -> None:
+    """scores.npz: frame/<video> float32 (T,), map/<video> float16 (T,h,w), meta = JSON string. Atomic."""
+    arrays = {f"frame/{k}": np.asarray(v, dtype=np.float32) for k, v in frame_scores.items()}
+    for k, v in (maps or {}).items():
+        arrays[f"map/{k}"] = np.asarray(v, dtype=np.float16)
+    arrays["meta"] = np.array(json.dumps(_json_safe(meta)))
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def write_json(path: str, obj) -> None:
+    """JSON with indent 2, written atomically; NaN/inf are written as null."""
+    text = json.dumps(_json_safe(obj), indent=2) + "\n"
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def run_main(main_fn) -> None:
+    """Call main_fn(); bad input / training failure -> one 'error: ...' line on stderr, exit 2, no traceback."""
+    try:
+        main_fn()
+    except (DataError, TrainingError, FileNotFoundError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------------
+# Downloads
+# --------------------------------------------------------------------------------------------------
+
+def download(url: str, dest: str, sha256: str | None = None) -> str:
+    """Fetch `url` to `dest` (a file path, or an existing folder to keep the URL's file name) with a
+    progress bar, through `dest.part`; a short transfer or a sha256 mismatch is a DataError."""
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(url.split("?")[0]) or "download")
+    if os.path.isfile(dest) and (sha256 is None or _sha256_file(dest) == sha256.lower()):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    digest, received, expected = hashlib.sha256(), 0, None
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as f:
+            length = resp.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except Exception as e:  # URLError, HTTPError, IncompleteRead, timeouts, resets: all "transfer failed"
+        _remove(part)
+        raise DataError(f"{url}: download failed after {received} bytes ({type(e).__name__}: {e})") from None
+    if expected is not None and received != expected:
+        _remove(part)
+        raise DataError(f"{url}: transfer interrupted, received {received} of {expected} bytes")
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+        _remove(part)
+        raise DataError(f"{url}: sha256 mismatch (expected {sha256.lower()}, got {digest.hexdigest()}); "
+                        f"nothing kept at {dest}")
+    os.replace(part, dest)
+    return dest
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Official archives: (url, sha256 or None where no published checksum is known, where it goes).
+# "unpack": kept in <data_root>/downloads/ and extracted into data_root; "keep:DIR": saved as data_root/DIR/<file>.
+DOWNLOADS = {
+    "ped1": [("http://www.svcl.ucsd.edu/projects/anomaly/UCSD_Anomaly_Dataset.tar.gz", None, "unpack")],
+    "ped2": [("http://www.svcl.ucsd.edu/projects/anomaly/UCSD_Anomaly_Dataset.tar.gz", None, "unpack")],
+    "avenue": [("http://www.cse.cuhk.edu.hk/leojia/projects/detectabnormal/Avenue_Dataset.zip", None, "unpack"),
+               ("http://www.cse.cuhk.edu.hk/leojia/projects/detectabnormal/ground_truth_demo.zip", None, "unpack")],
+    "umn": [("http://mha.cs.umn.edu/Movies/Crowd-Activity-All.avi", None, "keep:UMN")],
+    "shanghaitech": [],     # hosted on cloud drives without a direct link: see the dataset page
+    "synthetic": [],        # generated locally
+}
+_DOWNLOAD_PAGES = {"shanghaitech": "https://svip-lab.github.io/dataset/campus_dataset.html"}
+
+
+def _dataset_present(name: str, data_root: str) -> bool:
+    if name in ("ped1", "ped2"):
+        return _find_ucsd(data_root, "UCSDped1" if name == "ped1" else "UCSDped2") is not None
+    if name == "avenue":
+        return _find_avenue(data_root) is not None
+    if name == "umn":
+        return _find_umn_avi(data_root) is not None
+    return name == "synthetic" or _find_frames_layout(name, data_root) is not None
+
+
+def download_dataset(name: str, data_root: str) -> None:
+    """--download: fetch and unpack the official archives of `name` into data_root (skipped when the
+    dataset is already there). Archives are kept in <data_root>/downloads/ so a rerun does not refetch."""
+    if _dataset_present(name, data_root):
+        return
+    if not DOWNLOADS.get(name):
+        raise DataError(f"{name}: no direct download; get it from {_DOWNLOAD_PAGES.get(name, 'the dataset page')} "
+                        f"and unpack it under {data_root}")
+    for url, sha256, action in DOWNLOADS[name]:
+        if action.startswith("keep:"):
+            download(url, os.path.join(data_root, action[len("keep:"):], os.path.basename(url)), sha256)
+            continue
+        archive = download(url, os.path.join(data_root, "downloads", os.path.basename(url)), sha256)
+        print(f"unpacking {archive} into {data_root}")
+        _unpack(archive, data_root)
+
+
+def _unpack(archive: str, dest: str) -> None:
+    import tarfile
+    import zipfile
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:     # ZipFile.extractall refuses paths escaping dest
+                z.extractall(dest)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(dest, filter="data")   # "data" filter: no absolute paths, links or devices
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def _cli(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Inspect a dataset, build its frame/flow caches.")
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    p.add_argument("--data-root", default=None, help="default: env VAD_DATA_ROOT, else ./data")
+    p.add_argument("--cache-dir", default=None, help="default: env VAD_CACHE_DIR, else ~/.cache/vad")
+    p.add_argument("--scene", default=None)
+    p.add_argument("--labels-file", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--download", action="store_true", help="download the dataset archives first")
+    p.add_argument("--summary", action="store_true", help="print one JSON object describing the dataset")
+    p.add_argument("--frames", action="store_true", help="build (or load) the frame cache of every video, timed")
+    p.add_argument("--flows", action="store_true", help="compute (or load) optical flow of every video, timed")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="frame size (default native)")
+    p.add_argument("--gray", choices=("yes", "no"), default="yes")
+    p.add_argument("--flow-method", choices=FLOW_METHODS, default="farneback")
+    p.add_argument("--workers", type=int, default=0)
+    args = p.parse_args(argv)
+    data_root = args.data_root or os.environ.get("VAD_DATA_ROOT") or "./data"
+    if args.download:
+        download_dataset(args.dataset, data_root)
+    ds = load_dataset(args.dataset, data_root, scene=args.scene, labels_file=args.labels_file,
+                      cache_dir=args.cache_dir, seed=args.seed)
+    if args.summary or not (args.frames or args.flows):
+        print(json.dumps(ds.summary()))
+    videos = ds.train + ds.test
+    if args.frames:
+        t0 = time.time()
+        n = 0
+        for v in tqdm(videos, desc="frames", unit="video"):
+            n += len(np.array(load_frames(v, args.size, args.gray == "yes", args.cache_dir)))   # read through
+        dt = time.time() - t0
+        print(f"frames: {n} frames of {len(videos)} videos decoded/cached or read from the cache in {dt:.2f} s "
+              f"({n / max(dt, 1e-9):.0f} frames/s)")
+    if args.flows:
+        size = args.size or videos[0].frame_shape
+        t0 = time.time()
+        flows = _flows_for(videos, size, args.flow_method, args.cache_dir, args.workers, f"flow {ds.name}")
+        print(f"flows: {sum(len(f) for f in flows.values())} flow fields in {time.time() - t0:.2f} s (incl. cache)")
+
+
+if __name__ == "__main__":
+    run_main(_cli)

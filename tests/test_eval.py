@@ -1,0 +1,409 @@
+"""Tests for eval.py: metrics against sklearn and hand-worked cases, the 40% pixel rule against a brute-force
+threshold sweep, event counting, post-processing, scores.npz validation, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import auc, roc_auc_score, roc_curve
+
+import common
+import eval as ev
+from conftest import REPO, real_ped2_root
+
+
+class FakeVideo:
+    """Just what evaluate() uses of common.Video, with masks held in memory."""
+
+    def __init__(self, name, labels, masks=None):
+        self.name, self.split = name, "test"
+        self.labels = np.asarray(labels, dtype=np.uint8)
+        self.num_frames = len(self.labels)
+        self.masks = masks
+        self.has_masks = masks is not None
+        self.frame_shape = masks.shape[1:] if masks is not None else (8, 8)
+        self.source = f"/fake/{name}"
+
+    def read_masks(self):
+        return self.masks
+
+
+class FakeDataset:
+    def __init__(self, videos):
+        self.name, self.root, self.layout = "fake", "/fake", "ucsd"
+        self.train, self.test = [], videos
+
+
+def make_ds(label_lists):
+    return FakeDataset([FakeVideo(f"Test{i + 1:03d}", y) for i, y in enumerate(label_lists)])
+
+
+def one_line_error(fn, *names):
+    with pytest.raises(common.DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for name in names:
+        assert name in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------- frame level
+
+def test_frame_auc_micro_macro_and_roc_match_sklearn():
+    rng = np.random.default_rng(0)
+    labels = [(rng.random(n) < 0.3).astype(np.uint8) for n in (120, 80, 200)]
+    scores = {f"Test{i + 1:03d}": y + rng.normal(0, 0.8, len(y)) + i for i, y in enumerate(labels)}
+    r = ev.evaluate(scores, None, make_ds(labels))
+    y, s = np.concatenate(labels), np.concatenate(list(scores.values()))
+    assert r["frame_auc_micro"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert r["frame_auc_macro"] == pytest.approx(np.mean([roc_auc_score(a, b) for a, b in
+                                                          zip(labels, scores.values())]), abs=1e-12)
+    assert r["num_frames"] == 400 and r["single_class_videos"] == [] and r["pixel_auc"] is None
+    # the EER point (e, 1 - e) lies on sklearn's ROC polyline
+    fpr, tpr, _ = roc_curve(y, s)
+    e = r["frame_eer"]
+    assert 0 < e < 0.5
+    on_segment = [abs((x1 - x0) * (1 - e - y0) - (y1 - y0) * (e - x0)) < 1e-9
+                  and min(x0, x1) - 1e-12 <= e <= max(x0, x1) + 1e-12 and min(y0, y1) - 1e-12 <= 1 - e <= max(y0, y1) + 1e-12
+                  for x0, y0, x1, y1 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:])]
+    assert any(on_segment)
+
+
+@pytest.mark.parametrize("pos, neg, expected", [
+    ([0.9, 0.8], [0.2, 0.1], 0.0),        # separable
+    ([0.2, 0.1], [0.9, 0.8], 1.0),        # perfectly wrong
+    ([0.9, 0.4], [0.6, 0.1], 0.5),        # ROC (0,0) (0,.5) (.5,.5) (.5,1) (1,1): FPR = FNR = .5 at a vertex
+    ([0.9, 0.5], [0.5, 0.1], 0.25),       # the tie gives the segment (0,.5)-(.5,1); crossing at FPR = .25
+    ([0.8, 0.7, 0.2], [0.9, 0.3, 0.1], 1 / 3),
+])
+def test_eer_hand_worked(pos, neg, expected):
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    auc, eer = ev.roc_metrics(y, np.r_[pos, neg])
+    assert eer == pytest.approx(expected, abs=1e-12)
+    assert auc == pytest.approx(roc_auc_score(y, np.r_[pos, neg]))
+
+
+def test_macro_excludes_single_class_videos_and_reports_them():
+    rng = np.random.default_rng(1)
+    labels = [np.r_[np.zeros(30), np.ones(20)], np.ones(40), np.r_[np.ones(10), np.zeros(30)], np.zeros(25)]
+    scores = {f"Test{i + 1:03d}": rng.random(len(y)) + y for i, y in enumerate(labels)}
+    r = ev.evaluate(scores, None, make_ds(labels))
+    assert r["single_class_videos"] == ["Test002", "Test004"]
+    expected = np.mean([roc_auc_score(labels[i], scores[f"Test{i + 1:03d}"]) for i in (0, 2)])
+    assert r["frame_auc_macro"] == pytest.approx(expected, abs=1e-12)
+    y = np.concatenate(labels)
+    assert r["frame_auc_micro"] == pytest.approx(roc_auc_score(y, np.concatenate(list(scores.values()))))
+
+
+# ------------------------------------------------------------------------------------------- pixel level
+
+def square_mask(size=20, side=10):
+    m = np.zeros((size, size), bool)
+    m[5:5 + side, 5:5 + side] = True
+    return m
+
+
+@pytest.mark.parametrize("covered, is_tp", [(39, False), (40, True), (41, True)])
+def test_forty_percent_rule(covered, is_tp):
+    mask = square_mask()                       # 100 ground-truth pixels
+    amap = np.zeros(mask.shape, np.float32)
+    amap[np.nonzero(mask)[0][:covered], np.nonzero(mask)[1][:covered]] = 1.0
+    # at t = 0.5 the frame is predicted abnormal (max 1 > t) in every case; TP only with >= 40 px covered
+    c = ev.coverage_threshold(amap[mask])
+    assert (0.5 < c) == is_tp
+    # end to end: a normal frame with map maximum 0.5 ranks between the two outcomes -> AUC 1 or 0
+    normal_map = np.full(mask.shape, 0.5, np.float32)
+    masks = np.stack([mask, np.zeros_like(mask)])
+    ds = FakeDataset([FakeVideo("Test001", [1, 0], masks)])
+    r = ev.evaluate({"Test001": np.array([1.0, 0.0])}, {"Test001": np.stack([amap, normal_map])}, ds)
+    assert r["pixel_auc"] == (1.0 if is_tp else 0.0)
+    assert r["pixel_frames"] == {"abnormal": 1, "normal": 1, "excluded": 0}
+
+
+def brute_force_pixel_roc(maps, masks, labels):
+    """Direct sweep of every threshold: (fpr, tpr) points in order of decreasing threshold."""
+    H, W = masks[0].shape[1:]
+    up = [np.stack([cv2.resize(f.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR) for f in m])
+          for m in maps]
+    values = np.unique(np.concatenate([u.ravel() for u in up]))
+    thresholds = np.r_[np.inf, values[::-1], -np.inf]
+    pts = []
+    for t in thresholds:
+        tp = fp = npos = nneg = 0
+        for u, mk, y in zip(up, masks, labels):
+            for f, g, lab in zip(u, mk, y):
+                predicted = (f > t).any()
+                if g.any():
+                    npos += 1
+                    tp += predicted and 5 * int((f[g] > t).sum()) >= 2 * int(g.sum())
+                elif not lab:
+                    nneg += 1
+                    fp += predicted
+        pts.append((fp / nneg, tp / npos))
+    return np.array(pts)[:, 0], np.array(pts)[:, 1]
+
+
+def test_fast_pixel_roc_equals_brute_force_sweep():
+    rng = np.random.default_rng(2)
+    videos, maps, masks_all, labels_all = [], {}, [], []
+    for i in range(3):
+        T = 7
+        labels = (rng.random(T) < 0.5).astype(np.uint8)
+        masks = np.zeros((T, 12, 16), bool)
+        for t in np.flatnonzero(labels):
+            y0, x0 = rng.integers(0, 8), rng.integers(0, 10)
+            masks[t, y0:y0 + rng.integers(1, 5), x0:x0 + rng.integers(1, 7)] = True
+        # low-resolution maps with coarse values (ties), brighter over the masked area on average
+        m = np.round(rng.random((T, 6, 8)) * 4) / 4
+        m += 0.5 * cv2.resize(masks.transpose(1, 2, 0).astype(np.float32), (8, 6)).reshape(6, 8, T).transpose(2, 0, 1)
+        name = f"Test{i + 1:03d}"
+        videos.append(FakeVideo(name, labels, masks))
+        maps[name] = m.astype(np.float16)
+        masks_all.append(masks)
+        labels_all.append(labels)
+    ds = FakeDataset(videos)
+    r = ev.evaluate({v.name: v.labels.astype(float) for v in videos}, maps, ds)
+    fpr, tpr = brute_force_pixel_roc([maps[v.name] for v in videos], masks_all, labels_all)
+    assert r["pixel_auc"] == pytest.approx(auc(fpr, tpr), abs=1e-12)
+    assert r["pixel_eer"] == pytest.approx(ev.eer_from_roc(fpr, tpr), abs=1e-12)
+    assert 0 < r["pixel_auc"] < 1
+
+
+# ------------------------------------------------------------------------------------------- event level
+
+def test_peak_persistence_small_case():
+    assert ev.peak_persistence(np.array([0, 3, 1, 2, 0.0])) == {1: 3.0, 3: 1.0}
+
+
+def test_event_counting_on_constructed_signal():
+    t = np.arange(300)
+    bump = lambda c, h, w: h * np.exp(-0.5 * ((t - c) / w) ** 2)
+    # GT events [50,100) and [200,230); kept peaks 70 (1.0) and 85 (0.9) inside event 1, 150 (0.8) and
+    # 260 (0.6) outside; a tiny bump at 215 (persistence 0.03 < 10% of the range) is not a peak we keep
+    s = bump(70, 1.0, 4) + bump(85, 0.9, 4) + bump(150, 0.8, 5) + bump(260, 0.6, 5) + bump(215, 0.03, 3)
+    labels = np.zeros(300, np.uint8)
+    labels[50:100] = 1
+    labels[200:230] = 1
+    assert list(ev.detect_peaks(s)) == [70, 85, 150, 260]
+    # window 50: 85 merges into 70 -> detections 70, 150, 260: event 1 found, event 2 missed, 2 false alarms
+    assert ev.event_detections(s, 50) == [70, 150, 260]
+    assert ev.count_events(s, labels, window=50) == {"detected": 1, "total": 2, "false_alarms": 2}
+    # window 100: 150 (80 frames from 70) merges into 70 too; 260 stays (190 frames away)
+    assert ev.count_events(s, labels, window=100) == {"detected": 1, "total": 2, "false_alarms": 1}
+    # a lower peak inside an event is suppressed by a higher one just outside it: the event is missed
+    labels2 = np.zeros(300, np.uint8)
+    labels2[80:90] = 1
+    assert ev.count_events(s, labels2, window=50) == {"detected": 0, "total": 1, "false_alarms": 3}
+    r = ev.evaluate({"Test001": s}, None, make_ds([labels]))
+    assert r["events"] == {"detected": 1, "total": 2, "false_alarms": 2, "window": 50, "min_persistence": 0.1}
+
+
+# ------------------------------------------------------------------------------------------ post-processing
+
+def test_nan_filling_from_nearest_scored_frame():
+    filled, n = ev.fill_nan(np.array([np.nan, 1, np.nan, np.nan, 4, np.nan]))
+    assert n == 4 and list(filled) == [1, 1, 1, 4, 4, 4]
+    one_line_error(lambda: ev.fill_nan(np.full(3, np.nan), "Test007"), "Test007")
+    r = ev.evaluate({"Test001": np.array([np.nan, 0.1, 0.9, np.nan])}, None, make_ds([[0, 0, 1, 1]]))
+    assert r["nan_filled"] == 2 and r["frame_auc_micro"] == 1.0
+
+
+def test_normalize_and_smooth():
+    x = np.array([2.0, 4, 3, 10, 3, 4, 2])
+    assert list(ev.postprocess(x, "video_minmax")) == pytest.approx((x - 2) / 8)
+    assert list(ev.postprocess(x, "none", "median:3")) == [2, 3, 4, 3, 4, 3, 2]
+    from scipy.ndimage import gaussian_filter1d
+    assert ev.postprocess(x, "none", "gaussian:1.5") == pytest.approx(gaussian_filter1d(x, 1.5, mode="nearest"))
+    assert list(ev.postprocess(np.ones(4), "video_minmax")) == [0, 0, 0, 0]
+    for bad in ("gaussian:0", "median:4", "median", "box:3"):
+        with pytest.raises(ValueError):
+            ev.postprocess(x, "none", bad)
+    # per-video min-max changes the micro AUC when videos live on different scales, and is recorded
+    ds = make_ds([[0, 0, 1], [0, 0, 1]])
+    scores = {"Test001": np.array([10.0, 11, 12]), "Test002": np.array([0.0, 1, 2])}
+    raw = ev.evaluate(scores, None, ds)
+    norm = ev.evaluate(scores, None, ds, normalize="video_minmax", smooth="median:1")
+    assert raw["frame_auc_micro"] < 1.0 and norm["frame_auc_micro"] == 1.0
+    assert (norm["normalize"], norm["smooth"], raw["normalize"], raw["smooth"]) == \
+        ("video_minmax", "median:1", "none", "none")
+
+
+# ------------------------------------------------------------------------------------- scores.npz validation
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_read_scores_roundtrip_and_malformed_files(tmp_path):
+    meta = {"method": "m", "dataset": "ped2", "protocol": {"normalize": "none", "smooth": "none"}, "args": {}}
+    good = str(tmp_path / "good.npz")
+    common.write_scores(good, {"Test001": np.arange(4.0)}, {"Test001": np.zeros((4, 3, 5))}, meta)
+    frames, maps, m = ev.read_scores(good)
+    assert list(frames["Test001"]) == [0, 1, 2, 3] and maps["Test001"].shape == (4, 3, 5) and m == meta
+
+    text = tmp_path / "text.npz"
+    text.write_text("not a zip")
+    one_line_error(lambda: ev.read_scores(str(text)), str(text))
+    single = str(tmp_path / "single.npy")
+    np.save(single, np.zeros(3))
+    one_line_error(lambda: ev.read_scores(single), single)
+    j = np.array(json.dumps(meta))
+    cases = {
+        "nometa": {"frame/Test001": np.zeros(3)},
+        "badmeta": {"frame/Test001": np.zeros(3), "meta": np.array("{not json")},
+        "frame2d": {"frame/Test001": np.zeros((3, 2)), "meta": j},
+        "map2d": {"frame/Test001": np.zeros(3), "map/Test001": np.zeros((3, 4)), "meta": j},
+        "mapcount": {"frame/Test001": np.zeros(3), "map/Test001": np.zeros((2, 4, 4)), "meta": j},
+        "noframes": {"meta": j},
+    }
+    for name, arrays in cases.items():
+        p = write_npz(tmp_path / f"{name}.npz", **arrays)
+        one_line_error(lambda: ev.read_scores(p), p)
+
+
+def test_evaluate_errors_name_the_video():
+    masks = np.zeros((4, 6, 6), bool)
+    masks[2:, 1:3, 1:3] = True
+    ds = FakeDataset([FakeVideo("Test001", [0, 0, 1, 1], masks), FakeVideo("Test002", [0, 1, 1, 0], masks)])
+    scores = {"Test001": np.arange(4.0), "Test002": np.arange(4.0)}
+    maps = {"Test001": np.zeros((4, 3, 3), np.float16), "Test002": np.zeros((4, 3, 3), np.float16)}
+    assert ev.evaluate(scores, maps, ds)["pixel_auc"] is not None
+    one_line_error(lambda: ev.evaluate({"Test001": scores["Test001"]}, None, ds), "Test002", "no frame")
+    one_line_error(lambda: ev.evaluate({**scores, "Test002": np.arange(5.0)}, None, ds), "Test002", "5")
+    bad_map = maps["Test002"].copy()
+    bad_map[1, 0, 0] = np.nan
+    one_line_error(lambda: ev.evaluate(scores, {**maps, "Test002": bad_map}, ds), "Test002", "non-finite")
+
+
+def test_evaluate_run_writes_metrics_and_plots(tmp_path, capsys):
+    labels = [np.r_[np.zeros(20), np.ones(10)], np.r_[np.ones(5), np.zeros(25)]]
+    ds = make_ds(labels)
+    scores = {f"Test{i + 1:03d}": y + np.linspace(0, 0.5, len(y)) for i, y in enumerate(labels)}
+    meta = {"method": "toy", "dataset": "fake", "protocol": {"normalize": "none", "smooth": "none"}, "args": {}}
+    common.write_scores(str(tmp_path / "scores.npz"), scores, None, meta)
+    r = ev.evaluate_run(str(tmp_path), ds, smooth="gaussian:1", extra={"test_fps": 9.5})
+    with open(tmp_path / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(r)) and saved["test_fps"] == 9.5 and saved["method"] == "toy"
+    assert saved["smooth"] == "gaussian:1" and saved["pixel_auc"] is None
+    assert (tmp_path / "score_curves.png").stat().st_size > 0 and (tmp_path / "roc.png").stat().st_size > 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("toy: frame AUC")
+    one_line_error(lambda: ev.evaluate_run(str(tmp_path), make_ds(labels + [np.zeros(4)])),
+                   "Test003", str(tmp_path / "scores.npz"))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def write_ucsd_tree(root, rng):
+    """A tiny UCSDped2 tree: one training video, two test videos with masks and the .m label file."""
+    base = os.path.join(root, "UCSDped2")
+    os.makedirs(os.path.join(base, "Train", "Train001"))
+    for t in range(6):
+        cv2.imwrite(os.path.join(base, "Train", "Train001", f"{t + 1:03d}.tif"), rng.integers(0, 255, (24, 32), np.uint8))
+    ranges = {"Test001": (5, 10), "Test002": (1, 4)}     # 1-based inclusive abnormal frames
+    for name, (a, b) in ranges.items():
+        os.makedirs(os.path.join(base, "Test", name))
+        os.makedirs(os.path.join(base, "Test", name + "_gt"))
+        for t in range(12):
+            cv2.imwrite(os.path.join(base, "Test", name, f"{t + 1:03d}.tif"), rng.integers(0, 255, (24, 32), np.uint8))
+            mask = np.zeros((24, 32), np.uint8)
+            if a <= t + 1 <= b:
+                mask[8:16, 10:20] = 255
+            cv2.imwrite(os.path.join(base, "Test", name + "_gt", f"{t + 1:03d}.bmp"), mask)
+    with open(os.path.join(base, "Test", "UCSDped2.m"), "w") as f:
+        f.write("TestVideoFile = {};\n")
+        for name, (a, b) in ranges.items():
+            f.write(f"TestVideoFile{{end+1}}.gt_frame = [{a}:{b}];\n")
+    return root
+
+
+def test_cli_json_table_plots_and_errors(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    root = write_ucsd_tree(str(tmp_path / "data"), rng)
+    ds = common.load_dataset("ped2", root, cache_dir=str(tmp_path / "cache"))
+    assert [v.name for v in ds.test] == ["Test001", "Test002"]
+    run = tmp_path / "runs" / "fake" / "ped2"
+    run.mkdir(parents=True)
+    scores = {v.name: v.labels + rng.normal(0, 0.7, v.num_frames) for v in ds.test}
+    maps = {v.name: v.read_masks()[:, ::2, ::2] + rng.random((v.num_frames, 12, 16)) for v in ds.test}
+    meta = {"method": "fake", "dataset": "ped2", "protocol": {"normalize": "video_minmax", "smooth": "none"},
+            "args": {"data_root": root, "cache_dir": str(tmp_path / "cache")}}
+    common.write_scores(str(run / "scores.npz"), scores, maps, meta)
+    common.write_json(str(run / "metrics.json"), {"test_fps": 123.4})
+
+    plots, overlays = tmp_path / "plots", tmp_path / "overlays"
+    ev.main([str(run), str(run / "scores.npz"), "--json", "--plots", str(plots), "--overlays", str(overlays),
+             "--top-k", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    row = json.loads(lines[0])
+    y = np.concatenate([v.labels for v in ds.test])
+    s = np.concatenate([ev.postprocess(scores[v.name], "video_minmax") for v in ds.test])
+    assert row["frame_auc_micro"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)  # float32 storage
+    assert row["normalize"] == "video_minmax" and row["test_fps"] == 123.4 and row["pixel_auc"] is not None
+    assert row["events"]["total"] == 2
+    assert sorted(os.listdir(plots)) == ["fake_ped2_2_score_curves.png", "fake_ped2_score_curves.png",
+                                         "roc_compare.png"]
+    assert len(os.listdir(overlays / "fake_ped2")) == 4
+
+    ev.main([str(run), "--smooth", "gaussian:2", "--plots", str(plots)])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 3 and table[2].startswith("| fake | ped2 |") and "123.4" in table[2]
+
+    # bad input through the real command line: one line on stderr, exit status 2
+    common.write_scores(str(run / "scores.npz"), {"Test001": scores["Test001"]}, None, meta)
+    p = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), str(run), "--plots", str(plots)],
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Test002" in p.stderr, p.stderr
+
+
+# ------------------------------------------------------------------------------------------- real Ped2
+
+needs_ped2 = pytest.mark.skipif(real_ped2_root() is None, reason="VAD_DATA_ROOT has no UCSDped2")
+
+
+@needs_ped2
+def test_real_ped2_labels_plus_noise_cli_matches_sklearn(tmp_path, cache_dir):
+    root = real_ped2_root()
+    ds = common.load_dataset("ped2", root, cache_dir=cache_dir)
+    rng = np.random.default_rng(4)
+    scores = {v.name: (v.labels + rng.normal(0, 1.0, v.num_frames)).astype(np.float32) for v in ds.test}
+    meta = {"method": "noise", "dataset": "ped2", "protocol": {"normalize": "none", "smooth": "none"},
+            "args": {"data_root": root}}
+    path = str(tmp_path / "noise.npz")
+    common.write_scores(path, scores, None, meta)
+    p = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), path, "--dataset", "ped2",
+                        "--data-root", root, "--cache-dir", cache_dir, "--json"],
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout.strip().splitlines()[0])
+    y = np.concatenate([v.labels for v in ds.test])
+    expected = roc_auc_score(y, np.concatenate([scores[v.name] for v in ds.test]))
+    assert y.sum() == 1648 and row["num_frames"] == 2010
+    assert abs(row["frame_auc_micro"] - expected) < 1e-6
+
+
+@needs_ped2
+@pytest.mark.slow
+def test_real_ped2_full_resolution_pixel_eval_under_20s():
+    ds = common.load_dataset("ped2", real_ped2_root())
+    rng = np.random.default_rng(5)
+    maps = {}
+    for v in ds.test:
+        m = rng.random((v.num_frames, 240, 360), dtype=np.float32)
+        m += v.read_masks()
+        maps[v.name] = m.astype(np.float16)
+    scores = {v.name: v.labels + rng.normal(0, 1.0, v.num_frames) for v in ds.test}
+    start = time.perf_counter()
+    r = ev.evaluate(scores, maps, ds)
+    elapsed = time.perf_counter() - start
+    assert r["pixel_frames"]["abnormal"] == 1648 and r["pixel_auc"] > 0.9
+    assert elapsed < 20, f"pixel-level evaluation took {elapsed:.1f} s"
