@@ -163,6 +163,19 @@ class Adv3DAE(nn.Module):
             else nn.ConvTranspose3d(widths[1], widths[0], 3, stride=1, padding=1)
             for i in range(num_convs))
 
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform weights with tanh's gain and zero biases for every (de)convolution, the last (linear)
+        one with gain 1. PyTorch's default init computes a transposed convolution's fan-in from its OUTPUT
+        channels, so the last de-convolution (C_out = 1, fan-in 27 instead of 32 x 27) would start with outputs
+        of std ~2 against inputs of std ~0.05 and RMSprop at lr 2e-4 needs thousands of steps to undo it."""
+        gain = nn.init.calculate_gain("tanh")
+        for m in self.modules():
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.xavier_uniform_(m.weight, gain=1.0 if m is self.decoder_deconvs[0] else gain)
+                nn.init.zeros_(m.bias)
+
     def encode(self, x):
         """F_theta1: returns the code and, per pool, (indices, size before pooling) for the unpooling."""
         switches = []

@@ -248,7 +248,7 @@ def load_alexnet_weights(model, spec, url=ALEXNET_URL):
 # ----------------------------------------------------------------------------------------------- data
 def frames_to_tensor(frames_u8, device):
     """(N, H, W) uint8 -> (N, 1, H, W) float in [-1, 1] on device."""
-    t = torch.from_numpy(np.ascontiguousarray(frames_u8))
+    t = torch.from_numpy(np.array(frames_u8))  # a writable copy of the (read-only memmap) batch
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
@@ -264,7 +264,7 @@ def flow_to_image(flow, scale):
 
 
 def flows_to_tensor(flows_f16, scale, device):
-    t = torch.from_numpy(np.ascontiguousarray(flows_f16))
+    t = torch.from_numpy(np.array(flows_f16))
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return flow_to_image(t.to(device), scale)

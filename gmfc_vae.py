@@ -405,42 +405,67 @@ def patch_energies(model, patches, device, batch: int, amp: bool):
     return torch.cat(out)
 
 
+def moving_grid(frames_t, stride: int, threshold: float, min_pixels: int):
+    """(T, gh, gw) bool: the test patch has >= min_pixels pixels with |I_{t+1} - I_t| > threshold (the training
+    criterion; the last frame uses the pair (T-2, T-1)). frames_t: (T, C, H, W) uint8 tensor."""
+    gray = frames_t.float().mean(1, keepdim=True)
+    if gray.shape[0] < 2:
+        return torch.ones(gray.shape[0], *test_grid_shape(gray.shape[2:], stride), dtype=torch.bool,
+                          device=gray.device)
+    moving = ((gray[1:] - gray[:-1]).abs() > threshold).float()
+    moving = torch.cat([moving, moving[-1:]])
+    counts = F.avg_pool2d(moving, PATCH, stride) * (PATCH * PATCH)
+    return counts[:, 0] > min_pixels - 0.5
+
+
 @torch.inference_mode()
 def score_video(models: dict, frames, flows, args, flow_scale: float, device):
-    """Energy grid (T, gh, gw) float32 of one video: alpha E_app + beta E_motion (eq. 18) or a single stream."""
+    """Energy grid (T, gh, gw) float32 of one video: alpha E_app + beta E_motion (eq. 18) or a single stream.
+
+    With --static-test-patches skip (default) only patches with moving pixels are encoded (the domain the
+    networks were trained on); the others are NaN here and get the run's lowest energy in test()."""
     T = frames.shape[0]
     gh, gw = test_grid_shape(frames.shape[1:3], args.test_stride)
-    per_frame = gh * gw
-    chunk = max(1, args.test_batch // per_frame)
+    chunk = max(1, args.test_batch // (gh * gw))
+    frames_t = torch.from_numpy(np.array(frames)).to(device, non_blocking=True)   # copy: the cache is read-only
+    frames_t = frames_t[:, None] if frames_t.ndim == 3 else frames_t.permute(0, 3, 1, 2)
+    if args.static_test_patches == "skip":
+        scored = moving_grid(frames_t, args.test_stride, args.motion_threshold, args.min_moving_pixels)
+    else:
+        scored = torch.ones(T, gh, gw, dtype=torch.bool, device=device)
     fused = torch.zeros(T, gh, gw, device=device)
-    if "rgb" in models:
-        weight = args.alpha if "flow" in models else 1.0
-        frames_t = torch.from_numpy(np.array(frames))       # copy: the cache memmap is read-only
-        frames_t = frames_t[:, None] if frames_t.ndim == 3 else frames_t.permute(0, 3, 1, 2)
-        for s in range(0, T, chunk):
-            tiles, _ = grid_patches(frames_t[s:s + chunk].to(device, non_blocking=True), args.test_stride)
-            e = patch_energies(models["rgb"], tiles, device, args.test_batch, args.amp)
-            fused[s:s + chunk] += weight * e.view(-1, gh, gw)
-    if "flow" in models:
-        weight = args.beta if "rgb" in models else 1.0
-        if flows.shape[0] == 0:            # a one-frame video has no flow: not scorable by the motion stream
-            fused[:] = float("nan")
-        else:
-            flows_t = torch.from_numpy(np.asarray(flows)).to(device, non_blocking=True)
-            for s in range(0, T, chunk):
-                ids = np.arange(s, min(s + chunk, T))
+    flows_t = None
+    if "flow" in models and flows is not None and flows.shape[0] > 0:
+        flows_t = torch.from_numpy(np.asarray(flows)).to(device, non_blocking=True)
+    for s in range(0, T, chunk):
+        e_chunk = min(s + chunk, T)
+        keep = scored[s:e_chunk].reshape(-1)
+        total = torch.zeros(int(keep.sum()), device=device)
+        if "rgb" in models:
+            weight = args.alpha if "flow" in models else 1.0
+            tiles, _ = grid_patches(frames_t[s:e_chunk], args.test_stride)
+            total += weight * patch_energies(models["rgb"], tiles[keep], device, args.test_batch, args.amp)
+        if "flow" in models:
+            weight = args.beta if "rgb" in models else 1.0
+            if flows_t is None:            # a one-frame video has no flow: not scorable by the motion stream
+                total += float("nan")
+            else:
+                ids = np.arange(s, e_chunk)
                 images = dynamic_flow_uint8(rank_pool_flows(flows_t, ids, args.window, args.flow_a, args.flow_b),
                                             flow_scale)
                 tiles, _ = grid_patches(images, args.test_stride)
-                e = patch_energies(models["flow"], tiles, device, args.test_batch, args.amp)
-                fused[s:s + chunk] += weight * e.view(-1, gh, gw)
+                total += weight * patch_energies(models["flow"], tiles[keep], device, args.test_batch, args.amp)
+        block = torch.full(((e_chunk - s) * gh * gw,), float("nan"), device=device)
+        block[keep] = total
+        fused[s:e_chunk] = block.view(-1, gh, gw)
     return fused.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------ train / test
-PAPER = {"frame_size": (280, 420), "window": 20, "max_train_patches": 960_000, "batch_size": 100, "lr": 1e-4}
-SYNTHETIC = {"frame_size": (112, 168), "window": 20, "max_train_patches": 2_500, "pretrain_epochs": 1,
-             "epochs": 2, "batch_size": 100, "lr": 1e-3}
+PAPER = {"frame_size": (280, 420), "window": 20, "max_train_patches": 960_000, "batch_size": 100, "lr": 1e-4,
+         "pretrain_lr": 1e-4}
+SYNTHETIC = {"frame_size": (112, 168), "window": 8, "max_train_patches": 2_500, "pretrain_epochs": 1,
+             "epochs": 2, "batch_size": 100, "lr": 1e-4, "pretrain_lr": 1e-3}
 
 
 def fill_defaults(args):
@@ -460,11 +485,11 @@ def fill_defaults(args):
 def protocol_string(args) -> str:
     reduced = (args.frame_size != PAPER["frame_size"] or args.window != PAPER["window"]
                or args.max_train_patches < PAPER["max_train_patches"] or args.batch_size != PAPER["batch_size"]
-               or args.lr != PAPER["lr"] or args.components != 20 or args.pretrain_epochs < 10 or args.epochs < 10)
+               or args.lr != PAPER["lr"] or args.pretrain_lr != PAPER["pretrain_lr"] or args.components != 20 or args.pretrain_epochs < 10 or args.epochs < 10)
     return (f"{'REDUCED' if reduced else 'paper'} protocol: frames {args.frame_size[1]}x{args.frame_size[0]}, "
             f"dynamic-flow window t={args.window}, <= {args.max_train_patches} training patches/stream "
             f"(stride {args.train_stride}), {args.pretrain_epochs} AE pre-training + {args.epochs} VaDE epochs, "
-            f"batch {args.batch_size}, lr {args.lr:g}, K={args.components}, stream={args.stream}, "
+            f"batch {args.batch_size}, lr {args.pretrain_lr:g} (AE) / {args.lr:g} (VaDE), K={args.components}, stream={args.stream}, "
             f"test stride {args.test_stride}, raw sample energy (normalize none)")
 
 
@@ -542,7 +567,8 @@ def train(args, ds, streams, gray: bool, device):
             patches = torch.from_numpy(patches).pin_memory().numpy()
 
         # 1) pre-training as a plain (deterministic) auto-encoder on the network weights
-        optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.pretrain_lr,
+                                     weight_decay=args.weight_decay)
         if prog["phase"] == "pretrain" and saved_optimizer and saved_optimizer.get("stream") == stream:
             optimizer.load_state_dict(saved_optimizer["state"])
         while prog["phase"] == "pretrain" and prog["epoch"] < args.pretrain_epochs:
@@ -604,12 +630,17 @@ def test(args, ds, models, flow_scale: float, gray: bool, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
+    grids = {video.name: score_video(models, frames[video.name], flows.get(video.name), args, flow_scale, device)
+             for video in tqdm(ds.test, desc="test", leave=False)}
+    # static (unscored) patches take the lowest energy of the run: "as normal as anything we scored"
+    finite = [g[np.isfinite(g)] for g in grids.values()]
+    floor = float(min((f.min() for f in finite if f.size), default=0.0))
     frame_scores, maps = {}, {}
-    for video in tqdm(ds.test, desc="test", leave=False):
-        grid = score_video(models, frames[video.name], flows.get(video.name), args, flow_scale, device)
-        frame_scores[video.name] = grid.reshape(len(grid), -1).max(1)
+    for name, grid in grids.items():
+        grid = np.where(np.isnan(grid), floor, grid)
+        frame_scores[name] = grid.reshape(len(grid), -1).max(1)
         # nearest-upsample x4 so eval's bilinear upsampling keeps the patch blocks
-        maps[video.name] = np.repeat(np.repeat(grid, 4, axis=1), 4, axis=2).astype(np.float16)
+        maps[name] = np.repeat(np.repeat(grid, 4, axis=1), 4, axis=2).astype(np.float16)
     meta = {"method": "gmfc_vae", "dataset": ds.name, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
             "args": common.args_to_dict(args)}
     common.write_scores(os.path.join(args.out, "scores.npz"), frame_scores, maps, meta)
@@ -641,11 +672,16 @@ def main(argv=None):
     parser.add_argument("--min-moving-pixels", type=int, default=1,
                         help="a training patch needs at least this many moving pixels (paper: any)")
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="auto-encoder pre-training epochs")
+    parser.add_argument("--pretrain-lr", type=float, default=None,
+                        help="Adam learning rate of the auto-encoder pre-training (paper 1e-4; --lr is VaDE's)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="Adam weight decay (network weights)")
     parser.add_argument("--gmm-fit-patches", type=int, default=100_000,
                         help="pre-trained latents used to initialise the mixture")
     parser.add_argument("--alpha", type=float, default=0.5, help="eq. 18 weight of the appearance energy")
     parser.add_argument("--beta", type=float, default=0.5, help="eq. 18 weight of the motion energy")
+    parser.add_argument("--static-test-patches", choices=("skip", "score"), default="skip",
+                        help="skip: test patches without moving pixels (frame difference, as in training) get the "
+                             "run's lowest energy; score: encode every patch")
     parser.add_argument("--test-batch", type=int, default=None, help="patches per forward pass at test")
     args = fill_defaults(common.parse_args(parser, argv))
     args.normalize = args.normalize or "none"        # the paper thresholds raw energies over the whole test set

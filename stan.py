@@ -69,6 +69,7 @@ Usage
 """
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -597,7 +598,6 @@ def resolve_defaults(args):
 
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     args = common.parse_args(build_parser(), argv)
     args.command = "python stan.py " + " ".join(argv)
@@ -608,10 +608,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     checkpoint_path = os.path.join(args.out, "model.pt")
     if args.test and not args.train:
-        # Test-only: the architecture's input size comes from the checkpoint.
-        state = common.load_checkpoint(checkpoint_path)
-        if args.image_size is None:
-            args.image_size = state["args"].get("image_size")
+        # Test-only: input size and training settings (for the protocol string) come from the checkpoint.
+        trained_with = common.load_checkpoint(checkpoint_path)["args"]
+        for key in ("image_size", "pretrain_epochs", "epochs", "steps_per_epoch", "batch_size", "lr"):
+            if getattr(args, key) is None:
+                setattr(args, key, trained_with.get(key))
     args = resolve_defaults(args)
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)

@@ -289,10 +289,10 @@ def test_sparse_ae_loss_hand_checked():
     hidden, recon = da._ae_forward_std(ae, x)
     total, parts = da.sparse_ae_loss(x, hidden, recon, [ae.encoder.weight, ae.decoder.weight],
                                      rho=0.25, sparsity_weight=3.0, weight_decay=0.1)
-    assert float(parts["recon"]) == pytest.approx(1.25)
-    assert float(parts["decay"]) == pytest.approx(0.1)
-    assert float(parts["kl"]) == pytest.approx(2 * 0.1308120, abs=1e-6)
-    assert float(total) == pytest.approx(2.1348721, abs=1e-6)
+    assert parts["recon"].item() == pytest.approx(1.25)
+    assert parts["decay"].item() == pytest.approx(0.1)
+    assert parts["kl"].item() == pytest.approx(2 * 0.1308120, abs=1e-6)
+    assert total.item() == pytest.approx(2.1348721, abs=1e-6)
 
 
 def test_ct_encode_folds_standardisation():
@@ -326,15 +326,27 @@ def test_cascade_three_branches_and_score():
 
 
 def test_single_classifier_and_cascade_region_scores():
+    torch.manual_seed(0)
     model = da.DeepAnomaly(2, hidden=8).eval()
-    model.thresholds.copy_(torch.tensor([3.0, 2.0, 5.0]))
     frames = torch.randint(0, 256, (4 + 3, 120, 180), dtype=torch.uint8)
     with torch.inference_mode():
         feats = model.regional_features(frames)
         d1, d2 = model.distances(feats)
-        torch.testing.assert_close(model.region_scores(frames), da.cascade_score(d1, d2, 3.0, 2.0, 5.0))
-        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g1"), d1 / 3.0)
-        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g2"), d2 / 5.0)
+        # thresholds inside the observed range so that every branch occurs (nudged off the samples: no ties)
+        alpha, beta, phi = (d1.quantile(0.8).item() * 1.00001, d1.quantile(0.4).item() * 1.00001,
+                            d2.median().item() * 1.00001)
+        model.thresholds.copy_(torch.tensor([alpha, beta, phi]))
+        exact = model.region_scores(frames, ct_regions="all")
+        torch.testing.assert_close(exact, da.cascade_score(d1, d2, alpha, beta, phi))
+        # the paper's computation: CT/G2 only in the suspicious band, the lower bound d1/alpha elsewhere
+        fast = model.region_scores(frames, ct_regions="suspicious")
+        band = (d1 > beta) & (d1 < alpha)
+        assert band.any() and (~band).any()
+        torch.testing.assert_close(fast[band], exact[band])
+        torch.testing.assert_close(fast[~band], d1[~band] / alpha)
+        assert torch.equal(fast >= 1, exact >= 1)          # identical decisions at the paper's thresholds
+        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g1"), d1 / alpha)
+        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g2"), d2 / phi)
 
 
 # ------------------------------------------------------------------------------------------ localization
@@ -392,7 +404,8 @@ def test_zeta_map_matches_brute_force():
 
 def _small_args(cache, out, *extra):
     return ["--dataset", "synthetic", "--cache-dir", cache, "--out", str(out), "--device", "cpu",
-            "--ae-samples", "3000", "--threshold-samples", "3000", "--hidden", "32", "--num-panels", "0", *extra]
+            "--ae-samples", "3000", "--threshold-samples", "3000", "--hidden", "32", "--num-panels", "0",
+            "--input-size", "64", "96", *extra]
 
 
 def test_nan_loss_stops_training(shared_cache, tmp_path, monkeypatch):
@@ -421,9 +434,11 @@ def test_checkpoint_then_resume(shared_cache, tmp_path, capsys):
     assert torch.equal(first["model"]["backbone.features.3.weight"], second["model"]["backbone.features.3.weight"])
 
 
-def test_end_to_end_synthetic_defaults(shared_cache, tmp_path, capsys):
+def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):
+    """The synthetic defaults except a shorter auto-encoder schedule (5 epochs on 20,000 regions) for CI time."""
     out = tmp_path / "run"
-    da.main(["--dataset", "synthetic", "--cache-dir", shared_cache, "--out", str(out), "--device", "cpu"])
+    da.main(["--dataset", "synthetic", "--cache-dir", shared_cache, "--out", str(out), "--device", "cpu",
+             "--epochs", "5", "--ae-samples", "20000", "--threshold-samples", "20000"])
     printed = capsys.readouterr().out
     assert "frames/s" in printed
     metrics = json.loads((out / "metrics.json").read_text())
