@@ -24,7 +24,9 @@ What the method does
     three rows; all three are evaluated and recorded in metrics.json whichever is chosen). Localization
     (section 3.4): the pixel-loss map (G - X)^2 is the anomaly map in scores.npz, and guided
     backpropagation of D's output to the input sequence is drawn, with the real frame, the generated
-    frame and the pixel-loss map, in PNG panels like Fig. 3 for `--num-panels` frames.
+    frame and the pixel-loss map, in PNG panels like Fig. 3 for `--num-panels` frames. Event-level
+    counts (Table 3: detected events / false alarms) are eval.py's, under "events" in metrics.json; the
+    un-normalised scores' result is under "unnormalized".
 
 Deviations (from the paper, with reasons)
     - Epoch counts and Adam betas are not given in the paper. Defaults: 10 pre-training epochs
@@ -66,6 +68,7 @@ Usage
     python stan.py --dataset ped2 --test --detector d        # Table 2, discriminator-only row
     python stan.py --dataset ped2 --test --num-panels 8      # Fig. 3-like localization panels
     python eval.py runs/stan/ped2                            # metrics table from scores.npz
+    OMP_NUM_THREADS=1 python stan.py ...                     # often faster on a CPU shared with other jobs
 """
 import json
 import os

@@ -4,7 +4,6 @@ sparse AE loss, the cascade, the zeta rule, training plumbing and an end-to-end 
 import functools
 import http.server
 import json
-import math
 import os
 import subprocess
 import sys
@@ -130,8 +129,14 @@ def test_make_dt_averages_pairs_and_stacks_three():
         for c in range(3):                          # channel c = I'_{t-2+c}
             s = t - 2 + c
             np.testing.assert_allclose(d[n, c], (f[s] + f[s - 1]) / 2, atol=1e-6)
-    # six distinct frame slots per pass: frames t-3 .. t all influence D_t
+    # six frame slots per pass, frames t-3 .. t: all influence D_t
     assert da.FRAMES_BEFORE == 3
+    # the fused, channels-last network input equals the plain construction followed by per-channel normalisation
+    mean, std = torch.tensor(da.IMAGENET_MEAN), torch.tensor(da.IMAGENET_STD)
+    fused = da.network_input(torch.from_numpy(frames), mean, std)
+    plain = (torch.from_numpy(d) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_regional_feature_shapes_per_layer():
@@ -456,3 +461,18 @@ def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):
              "--num-panels", "0"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["frame_auc_micro"] == pytest.approx(metrics["frame_auc_micro"])
+
+
+@pytest.mark.slow
+def test_real_ped2_reduced(tmp_path):
+    """Real UCSD Ped2 with a random backbone (no ImageNet weights offline) and a short AE schedule."""
+    from conftest import real_ped2_root
+    root = real_ped2_root()
+    if root is None:
+        pytest.skip("VAD_DATA_ROOT does not hold UCSDped2")
+    out = tmp_path / "ped2"
+    da.main(["--dataset", "ped2", "--data-root", root, "--out", str(out), "--backbone-weights", "none",
+             "--epochs", "3", "--ae-samples", "30000", "--threshold-samples", "30000", "--num-panels", "0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_frames"] == 2010 and metrics["pixel_auc"] is not None
+    assert metrics["frame_auc_micro"] > 0.5 and metrics["test_fps"] > 0
