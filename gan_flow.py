@@ -39,8 +39,9 @@ Deviations (from the paper / pix2pix, each with its reason)
        non-negative so that "normalised by the maximum" maps them to [0, 1].
     6. h = AlexNet conv5 *after* its ReLU (torchvision features[:12]; "before pooling" as in the paper): in
        the Caffe AlexNet the paper used, relu5 runs in place, so the conv5 blob holds post-ReLU values. The
-       AlexNet input is the GAN-size frame (256x256 gray replicated to RGB, ImageNet mean/std), giving a
-       15x15 conv5 grid, upsampled bilinearly to Delta_O's size.
+       AlexNet input is the 256x256 frame (gray replicated to RGB, ImageNet mean/std; `--semantic-size`;
+       F and p_F are resized bilinearly to it when the GANs run smaller), giving a 15x15 conv5 grid that is
+       upsampled bilinearly to Delta_O's size.
     7. Optimiser: the paper writes "stochastic gradient descent with momentum 0.5, batch size 1"; that is
        pix2pix's Adam with beta1 = 0.5, lr 2e-4, used here.
     8. The last frame of each video has no O_t (no F_t+1): its frame score is NaN (eval fills it from the
@@ -61,9 +62,11 @@ Usage
     python gan_flow.py --dataset ped2 --data-root ../shared/data --device cuda --amp
     python gan_flow.py --dataset ped2 --data-root ../shared/data --test --streams motion   # fusion analysis
     python gan_flow.py --dataset ped2 --backbone-weights ~/alexnet-owt-7be5be79.pth --num-panels 8
-    # reduced CPU protocol used for the Ped2 figure measured without a GPU (see README):
-    python gan_flow.py --dataset ped2 --data-root ../shared/data --image-size 128 --ngf 32 --ndf 32 \
-        --epochs 2 --train-stride 2 --backbone-weights none
+    # the reduced CPU protocol of the Ped2 figure measured without a GPU (128x128, 7-level U-Net, half
+    # width, 2 epochs over every 3rd training pair, random AlexNet): see the README results table
+    python gan_flow.py --dataset ped2 --data-root ../shared/data --train --image-size 128 --ngf 32 --ndf 32 \
+        --epochs 2 --train-stride 3
+    python gan_flow.py --dataset ped2 --data-root ../shared/data --test --backbone-weights none
 """
 
 import math
@@ -334,8 +337,9 @@ def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, where, amp):
 
 
 def make_optimizers(net, lr, beta1):
-    return (torch.optim.Adam(net.G.parameters(), lr=lr, betas=(beta1, 0.999)),
-            torch.optim.Adam(net.D.parameters(), lr=lr, betas=(beta1, 0.999)))
+    # fused Adam: one kernel per step instead of one per tensor (batch 1 makes the update a large share)
+    return (torch.optim.Adam(net.G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True),
+            torch.optim.Adam(net.D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True))
 
 
 def checkpoint_state(nets, opts, epoch, args, config, train_time_s):
@@ -384,15 +388,20 @@ def train(args, config, train_frames, train_flows, nets, opts, start_epoch, trai
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, streams):
+def difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, streams, semantic_size=None):
     """Per-frame raw differences (before the per-video normalisation):
     Delta_O = ||O - G_F->O(F)||_2 over the 3 flow channels, (N, H, W);
-    Delta_S = ||h(F) - h(G_O->F(O))||_2 over the 256 conv5 channels, (N, h, w)."""
+    Delta_S = ||h(F) - h(G_O->F(O))||_2 over the 256 conv5 channels, (N, h, w). h sees F and p_F resized
+    to semantic_size (the paper's 256x256 frames -> a 15x15 conv5 grid) when the GANs run smaller."""
     delta_O = delta_S = None
     if streams in ("both", "motion"):
         delta_O = (flow_img - G_f2o(frame_img)).float().norm(dim=1)
     if streams in ("both", "appearance"):
-        delta_S = (alexnet(frame_img) - alexnet(G_o2f(flow_img))).float().norm(dim=1)
+        real, generated = frame_img, G_o2f(flow_img)
+        if semantic_size and semantic_size != real.shape[-1]:
+            real, generated = (F.interpolate(x, size=(semantic_size, semantic_size), mode="bilinear",
+                                             align_corners=False) for x in (real, generated))
+        delta_S = (alexnet(real) - alexnet(generated)).float().norm(dim=1)
     return delta_O, delta_S
 
 
@@ -423,13 +432,16 @@ def score_video(frames, flows, G_f2o, G_o2f, alexnet, scale, args):
     device, amp = args.device, args.amp and args.device.type == "cuda"
     size = frames.shape[-1]
     num_pairs = len(flows)
+    if num_pairs == 0:  # a one-frame video: nothing to score
+        return np.full(len(frames), np.nan, np.float32), np.zeros((len(frames), args.map_size, args.map_size), np.float16)
     deltas_O, deltas_S = [], []
     for s in range(0, num_pairs, args.test_batch_size):
         e = min(num_pairs, s + args.test_batch_size)
         frame_img = frames_to_tensor(frames[s:e], device)
         flow_img = flows_to_tensor(flows[s:e], scale, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            d_O, d_S = difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, args.streams)
+            d_O, d_S = difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, args.streams,
+                                       args.semantic_size)
         if d_O is not None:
             deltas_O.append(d_O.half() if device.type == "cuda" else d_O)
         if d_S is not None:
@@ -516,6 +528,8 @@ def main(argv=None):
     parser.add_argument("--backbone-weights", default=None,
                         help="imagenet (torchvision alexnet-owt-7be5be79.pth via torch.hub), none (random), or "
                              "a PATH (default imagenet; none for --dataset synthetic)")
+    parser.add_argument("--semantic-size", type=int, default=256,
+                        help="side of the frames AlexNet sees (paper: the 256x256 frames -> 15x15 conv5)")
     parser.add_argument("--flow-method", default="farneback", help="optical flow passed to common.load_flows")
     parser.add_argument("--flow-scale", type=float, default=0.0,
                         help="flow scale s in pixels (0: 99.9th percentile of training magnitudes)")
@@ -534,6 +548,8 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     common.seed_everything(args.seed)
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "model.pt")
 
@@ -589,9 +605,11 @@ def main(argv=None):
         for name in tqdm(test_frames, desc="test videos", leave=False):
             scores[name], maps[name] = score_video(test_frames[name], test_flows[name], nets["f2o"].G,
                                                    nets["o2f"].G, alexnet, config["flow_scale"], args)
+    trained = checkpoint["args"] if (checkpoint is not None and not args.train) else common.args_to_dict(args)
     protocol = (f"gan_flow {args.streams}, {size[0]}x{size[1]}, ngf {config['ngf']}, ndf {config['ndf']}, "
-                f"epochs {start_epoch if not args.train else args.epochs}, train stride {args.train_stride}, "
-                f"batch {args.batch_size}, {backbone}, flow {config['flow_method']}, lambda {args.lambda_motion}")
+                f"epochs {start_epoch if not args.train else args.epochs}, train stride {trained['train_stride']}, "
+                f"batch {trained['batch_size']}, {backbone}, AlexNet input {args.semantic_size}, "
+                f"flow {config['flow_method']}, lambda {args.lambda_motion}")
     meta = {"method": "gan_flow", "dataset": args.dataset,
             "protocol": {"normalize": args.normalize or "none", "smooth": args.smooth, "description": protocol},
             "args": common.args_to_dict(args)}

@@ -157,7 +157,7 @@ def test_score_video_assembles_scores_and_maps():
     G_f2o = lambda x: torch.zeros(x.shape[0], 3, *x.shape[2:])   # predicts "no motion"
     G_o2f = lambda o: o[:, 2:3]                                   # the magnitude channel as a frame
     args = type("A", (), dict(device=torch.device("cpu"), amp=False, test_batch_size=3, streams="both",
-                              lambda_motion=2.0, map_size=16))()
+                              lambda_motion=2.0, map_size=16, semantic_size=64))()
     with torch.inference_mode():
         scores, maps = gan_flow.score_video(frames, flows, G_f2o, G_o2f, alexnet, 2.0, args)
         O = flow_to_image(torch.from_numpy(flows), 2.0)
