@@ -182,7 +182,7 @@ def test_vade_loss_against_numpy():
 def test_gmm_initialisation_copies_a_diagonal_gmm():
     torch.manual_seed(0)
     model = GMFCVAE(components=3)
-    patches = np.random.default_rng(0).integers(0, 255, (300, 1, 28, 28), dtype=np.uint8)
+    patches = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (300, 1, 28, 28), dtype=np.uint8))
     gmm = gm.init_mixture_from_latents(model, patches, 3, 1000, 0, torch.device("cpu"))
     np.testing.assert_allclose(torch.softmax(model.pi_logits, 0).detach().numpy(), gmm.weights_, rtol=1e-5)
     np.testing.assert_allclose(model.mu_c.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-6)
@@ -224,3 +224,14 @@ def test_end_to_end_synthetic_defaults(shared_cache, tmp_path):
     assert maps["Test001"].shape == (80, 4 * 4, 6 * 4)            # 4x6 grid (112x168 frames), x4 nearest
     assert meta["method"] == "gmfc_vae" and metrics["test_fps"] > 0
     assert metrics["frame_auc_micro"] >= 0.75, metrics
+
+
+def test_moving_grid_matches_training_rule():
+    frames = np.full((3, 56, 84), 90, np.uint8)
+    frames[1, 30:33, 60:63] = 200                                  # changes between frames 0/1 and 1/2
+    grid = gm.moving_grid(torch.from_numpy(frames[:, None]), 28, 15.0, 1).numpy()
+    assert grid.shape == (3, 2, 3)
+    expect = np.zeros((3, 2, 3), bool)
+    expect[0, 1, 2] = expect[1, 1, 2] = True                       # the last frame reuses the pair (1, 2)
+    expect[2] = expect[1]
+    np.testing.assert_array_equal(grid, expect)
