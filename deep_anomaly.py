@@ -5,6 +5,10 @@ Citation:
     network for fast anomaly detection in crowded scenes." Computer Vision and Image Understanding 172
     (2018) 88-97. arXiv:1609.00866.
 
+Deviations from the paper (in brief; the full, numbered list with reasons is further down): torchvision's
+ImageNet AlexNet instead of the Caffe ImageNet+Places model, CT read as a 1x1 convolution, our own
+continuous score for ROC sweeps, auto-encoder trained on a random subset of regions, frames at 320x240.
+
 What the method does:
     Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three consecutive averaged
     frames form the three channels of the network input D_t = <I'_t-2, I'_t-1, I'_t> (six frames per pass).
