@@ -85,7 +85,7 @@ Usage
     python adv3dae.py --dataset ped2 --no-gan                      # Table V ablation
     python adv3dae.py --dataset ped2 --no-noise                    # Table VI ablation
     python adv3dae.py --dataset ped2 --flow                        # Table IX RGB + optical flow
-    python adv3dae.py --dataset ped2 --amp --test-batch 128        # fast bf16 test on CUDA
+    python adv3dae.py --dataset ped2 --amp --test-batch-size 128        # fast bf16 test on CUDA
 """
 
 import os
@@ -495,7 +495,7 @@ def load_model(models: dict, state: dict, with_optim: bool) -> None:
 
 @torch.inference_mode()
 def score_videos(ae: Adv3DAE, stream, sources: list, num_frames: list, args, desc: str = "test"):
-    """Reconstruct every test clip (batches of `--test-batch` clips that may span videos) and return, per
+    """Reconstruct every test clip (batches of `--test-batch-size` clips that may span videos) and return, per
     video, e (T,) = mean per-pixel squared error of each frame averaged over the clips containing it
     (eq. 13), and the per-pixel squared error map pooled by `--map-pool` (T, H/p, W/p), same averaging."""
     device = args.device
@@ -504,8 +504,8 @@ def score_videos(ae: Adv3DAE, stream, sources: list, num_frames: list, args, des
     clips = [(v, int(s)) for v, t in enumerate(num_frames) for s in test_clip_starts(t, CLIP_LEN, args.test_stride)]
     err_sum, map_sum, count = {}, {}, {}
     p = args.map_pool
-    for i in tqdm(range(0, len(clips), args.test_batch), desc=desc, leave=False):
-        chunk = clips[i:i + args.test_batch]
+    for i in tqdm(range(0, len(clips), args.test_batch_size), desc=desc, leave=False):
+        chunk = clips[i:i + args.test_batch_size]
         specs = np.array([(v, s, 1) for v, s in chunk], dtype=np.int64)
         raw = gather_clips(sources, specs, CLIP_LEN)
         x = stream.to_input(to_device(raw, device))
@@ -573,7 +573,7 @@ def main(argv=None):
                         help="start step between training clips (default 1; 16 for synthetic)")
     parser.add_argument("--test-stride", type=int, default=CLIP_LEN,
                         help="start step between test clips; < 16 averages overlapping clips")
-    parser.add_argument("--test-batch", type=int, default=None,
+    parser.add_argument("--test-batch-size", type=int, default=None,
                         help="clips per test batch (default 64 on CUDA, 8 on CPU)")
     parser.add_argument("--map-pool", type=int, default=None,
                         help="average-pool factor of the error maps (default 4; 2 for synthetic)")
@@ -588,7 +588,7 @@ def main(argv=None):
     args.lr = args.lr if args.lr is not None else 2e-4
     args.train_step = args.train_step if args.train_step is not None else (16 if synthetic else 1)
     args.map_pool = args.map_pool if args.map_pool is not None else (2 if synthetic else 4)
-    args.test_batch = args.test_batch or (64 if args.device.type == "cuda" else 8)
+    args.test_batch_size = args.test_batch_size or (64 if args.device.type == "cuda" else 8)
     args.channels = tuple(args.channels)
     args.skip_strides = tuple(args.skip_strides)
     num_pools = args.layers // 2 - 1
@@ -683,7 +683,7 @@ def main(argv=None):
     total_frames = sum(num_frames)
     fps = total_frames / max(test_time, 1e-9)
     print(f"test: {total_frames} frames in {test_time:.2f}s = {fps:.1f} frames/s (cached frames -> scores.npz,"
-          f" {args.device}, test stride {args.test_stride}, batch {args.test_batch} clips)")
+          f" {args.device}, test stride {args.test_stride}, batch {args.test_batch_size} clips)")
     np.savez(os.path.join(args.out, "raw_errors.npz"),
              **{f"{n}/{name}": errors[n][i] for n in errors for i, name in enumerate(names)})
 

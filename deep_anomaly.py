@@ -491,7 +491,7 @@ def training_passes(model, videos_frames, args, desc):
     bar = tqdm(total=total, desc=desc, unit="frame", leave=False)
     for frames_np in videos_frames.values():
         frames = to_device(frames_np, device)
-        for start, end in frame_batches(len(frames), args.test_batch):
+        for start, end in frame_batches(len(frames), args.test_batch_size):
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp(args)):
                 feats = model.regional_features(frames[start - FRAMES_BEFORE:end])
             yield feats.reshape(-1, feats.shape[-1]).float()
@@ -643,11 +643,11 @@ def score_video(model, localizer, frames: torch.Tensor, args):
     T = len(frames)
     ny, nx = len(localizer.rows_px), len(localizer.cols_px)
     maps = torch.zeros(T, ny, nx, dtype=torch.float16, device=frames.device)
-    for start, end in frame_batches(T, args.test_batch):
+    for start, end in frame_batches(T, args.test_batch_size):
         chunk = frames[start - FRAMES_BEFORE:end]
-        if frames.device.type == "cuda" and end - start < args.test_batch:
+        if frames.device.type == "cuda" and end - start < args.test_batch_size:
             # one input shape for every batch: cudnn.benchmark tunes once, not once per video tail
-            chunk = torch.cat([chunk, chunk[-1:].expand(args.test_batch - (end - start), *chunk.shape[1:])])
+            chunk = torch.cat([chunk, chunk[-1:].expand(args.test_batch_size - (end - start), *chunk.shape[1:])])
         with torch.inference_mode(), torch.autocast(args.device.type, torch.bfloat16, enabled=use_amp(args)):
             s = model.region_scores(chunk, cascade=not args.no_cascade, single=args.single_classifier,
                                     ct_regions=args.ct_regions)
@@ -694,7 +694,7 @@ def test(model, ds, args, train_time):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     # warm-up (kernel selection, allocator) on a dummy batch, outside the timed region
-    warm = args.test_batch if device.type == "cuda" else min(args.test_batch, 8)
+    warm = args.test_batch_size if device.type == "cuda" else min(args.test_batch_size, 8)
     dummy = torch.zeros(warm + FRAMES_BEFORE, *args.input_size, dtype=torch.uint8, device=device)
     score_video(model, localizer, dummy, args)
     if device.type == "cuda":
@@ -716,7 +716,7 @@ def test(model, ds, args, train_time):
     num_frames = sum(len(v) for v in test_frames.values())
     fps = num_frames / elapsed
     print(f"test: {num_frames} frames in {elapsed:.2f} s = {fps:.1f} frames/s (cached frames -> scores.npz, "
-          f"{device.type}{', bf16 autocast' if use_amp(args) else ', float32'}, batch {args.test_batch})")
+          f"{device.type}{', bf16 autocast' if use_amp(args) else ', float32'}, batch {args.test_batch_size})")
 
     # the paper's binary detector: a frame is abnormal when its score (max of the map) is >= 1
     labels = np.concatenate([ds.video(n).labels for n in frame_scores]).astype(bool)
@@ -778,7 +778,7 @@ def build_parser():
                         "(default 200000; synthetic 50000)")
     parser.add_argument("--threshold-samples", type=int, default=None, help="training regions for the threshold percentiles "
                         "(default 200000; synthetic 50000)")
-    parser.add_argument("--test-batch", type=int, default=None, help="frames per forward pass (default 32 on CPU, 512 on CUDA)")
+    parser.add_argument("--test-batch-size", type=int, default=None, help="frames per forward pass (default 32 on CPU, 512 on CUDA)")
     return parser
 
 
@@ -796,8 +796,8 @@ def resolve_defaults(args):
     args.batch_size = args.batch_size or 1024
     args.lr = args.lr or 1e-3
     args.normalize = args.normalize or "none"      # the paper thresholds raw distances over the whole test set
-    if args.test_batch is None:
-        args.test_batch = 512 if args.device.type == "cuda" else 32
+    if args.test_batch_size is None:
+        args.test_batch_size = 512 if args.device.type == "cuda" else 32
     if args.zeta < 0:
         raise common.DataError(f"--zeta {args.zeta}: expected >= 0")
     return args

@@ -447,7 +447,7 @@ def score_video(models: dict, frames, flows, args, flow_scale: float, device):
     networks were trained on); the others are NaN here and get the run's lowest energy in test()."""
     T = frames.shape[0]
     gh, gw = test_grid_shape(frames.shape[1:3], args.test_stride)
-    chunk = max(1, args.test_batch // (gh * gw))
+    chunk = max(1, args.test_batch_size // (gh * gw))
     frames_t = torch.from_numpy(np.array(frames)).to(device, non_blocking=True)   # copy: the cache is read-only
     frames_t = frames_t[:, None] if frames_t.ndim == 3 else frames_t.permute(0, 3, 1, 2)
     if args.static_test_patches == "skip":
@@ -465,7 +465,7 @@ def score_video(models: dict, frames, flows, args, flow_scale: float, device):
         if "rgb" in models:
             weight = args.alpha if "flow" in models else 1.0
             tiles, _ = grid_patches(frames_t[s:e_chunk], args.test_stride)
-            total += weight * patch_energies(models["rgb"], tiles[keep], device, args.test_batch, args.amp)
+            total += weight * patch_energies(models["rgb"], tiles[keep], device, args.test_batch_size, args.amp)
         if "flow" in models:
             weight = args.beta if "rgb" in models else 1.0
             if flows_t is None:            # a one-frame video has no flow: not scorable by the motion stream
@@ -475,7 +475,7 @@ def score_video(models: dict, frames, flows, args, flow_scale: float, device):
                 images = dynamic_flow_uint8(rank_pool_flows(flows_t, ids, args.window, args.flow_a, args.flow_b),
                                             flow_scale)
                 tiles, _ = grid_patches(images, args.test_stride)
-                total += weight * patch_energies(models["flow"], tiles[keep], device, args.test_batch, args.amp)
+                total += weight * patch_energies(models["flow"], tiles[keep], device, args.test_batch_size, args.amp)
         block = torch.full(((e_chunk - s) * gh * gw,), float("nan"), device=device)
         block[keep] = total
         fused[s:e_chunk] = block.view(-1, gh, gw)
@@ -496,8 +496,8 @@ def fill_defaults(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.frame_size = tuple(int(v) for v in args.frame_size)
-    if args.test_batch is None:
-        args.test_batch = 65536 if args.device.type == "cuda" else 8192
+    if args.test_batch_size is None:
+        args.test_batch_size = 65536 if args.device.type == "cuda" else 8192
     if min(args.frame_size) < PATCH:
         raise common.DataError(f"--frame-size {args.frame_size}: both sides must be at least {PATCH}")
     return args
@@ -704,7 +704,7 @@ def main(argv=None):
     parser.add_argument("--static-test-patches", choices=("skip", "score"), default="skip",
                         help="skip: test patches without moving pixels (frame difference, as in training) get the "
                              "run's lowest energy; score: encode every patch")
-    parser.add_argument("--test-batch", type=int, default=None, help="patches per forward pass at test")
+    parser.add_argument("--test-batch-size", type=int, default=None, help="patches per forward pass at test")
     args = fill_defaults(common.parse_args(parser, argv))
     args.normalize = args.normalize or "none"        # the paper thresholds raw energies over the whole test set
     common.seed_everything(args.seed)

@@ -247,7 +247,7 @@ def test_score_videos_aggregates_clips_per_frame(stride):
     rng = np.random.default_rng(1)
     videos = [rng.integers(0, 256, (37, 8, 12), dtype=np.uint8), rng.integers(0, 256, (9, 8, 12), dtype=np.uint8)]
     mean = np.full((8, 12), 0.5, np.float32)
-    args = type("A", (), dict(device=torch.device("cpu"), amp=False, test_stride=stride, test_batch=3, map_pool=2))
+    args = type("A", (), dict(device=torch.device("cpu"), amp=False, test_stride=stride, test_batch_size=3, map_pool=2))
     errors, maps = adv3dae.score_videos(ZeroAE(), FrameStream(torch.from_numpy(mean)), videos, [37, 9], args)
     for v, e, m in zip(videos, errors, maps):
         sq = (v / 255.0 - mean) ** 2
