@@ -1348,6 +1348,58 @@ def _unpack(archive: str, dest: str) -> None:
         raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
 
 
+# torchvision's published ImageNet AlexNet (SPEC section 2); gan_flow and deep_anomaly define the network
+# themselves with torchvision's `features.*` names, so this file loads into them without torchvision.
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+
+
+def load_alexnet_features(model, spec: str, url: str = ALEXNET_URL) -> str:
+    """Fill `model` (whose state dict has torchvision's `alexnet().features` keys and shapes) from
+    spec = "imagenet" (`url` through torch.hub.load_state_dict_from_url, cached under $TORCH_HOME), a PATH to
+    a state dict, or "none" (keep the random weights, warned loudly). Only `features.*` entries are used;
+    `classifier.*` are ignored. Returns "alexnet-imagenet", "alexnet-file:<path>" or "alexnet-random" for the
+    run's protocol string. Bad weights are a one-line DataError naming the file and the key."""
+    import torch
+
+    if spec == "none":
+        bar = "!" * 100
+        print(f"{bar}\nWARNING: --backbone-weights none: AlexNet has RANDOM weights, not ImageNet ones.\n"
+              f"Results are NOT comparable with the paper's.\n{bar}", file=sys.stderr, flush=True)
+        return "alexnet-random"
+    if spec == "imagenet":
+        where = url
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                       weights_only=True)
+        except Exception as e:  # no network, HTTP error, hash mismatch: all one message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{url}: could not fetch AlexNet ImageNet weights ({type(e).__name__}: {first}); "
+                            "pass --backbone-weights PATH (alexnet-owt-7be5be79.pth) or --backbone-weights none") from None
+        source = "alexnet-imagenet"
+    else:
+        where = os.path.expanduser(spec)
+        if not os.path.isfile(where):
+            raise DataError(f"{where}: AlexNet weights not found (expected torchvision's alexnet-owt-7be5be79.pth, "
+                            "'imagenet' or 'none')")
+        try:
+            state = torch.load(where, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"{where}: cannot load AlexNet weights ({type(e).__name__})") from None
+        source = f"alexnet-file:{where}"
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DataError(f"{where}: not a state dict (expected torchvision AlexNet keys features.*)")
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise DataError(f"{where}: AlexNet weights lack {key} (expected torchvision's alexnet keys)")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise DataError(f"{where}: {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+    model.load_state_dict({k: state[k] for k in expected})
+    return source
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------

@@ -122,7 +122,6 @@ import eval as vad_eval
 # Model: AlexNet features (torchvision names), Gaussian classifiers, sparse auto-encoder, cascade
 # ----------------------------------------------------------------------------------------------------------
 
-ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 # torchvision's ImageNet normalisation, applied per input channel
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,47 +154,6 @@ class AlexNetFeatures(nn.Module):
 
     def forward(self, x, layer=2):
         return self.features[:LAYER_END[layer]](x)
-
-
-def load_backbone_weights(backbone: AlexNetFeatures, spec: str, url: str = ALEXNET_URL) -> str:
-    """Fill the AlexNet features from torchvision's checkpoint ('imagenet': downloaded once through
-    torch.hub into $TORCH_HOME/hub/checkpoints), a local state dict (PATH), or keep random weights ('none').
-    Only the `features.*` entries are used; `classifier.*` are ignored. Returns a short description."""
-    if spec == "none":
-        bar = "!" * 100
-        print(f"{bar}\nWARNING: --backbone-weights none: the frozen AlexNet has RANDOM weights, not ImageNet ones.\n"
-              f"Results are NOT comparable with the paper's.\n{bar}", file=sys.stderr, flush=True)
-        return "random AlexNet (--backbone-weights none)"
-    if spec == "imagenet":
-        try:
-            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
-                                                       weights_only=True)
-        except Exception as e:  # no network, HTTP error, hash mismatch: all one message
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise common.DataError(f"{url}: could not fetch AlexNet ImageNet weights ({type(e).__name__}: {first}); "
-                                   "pass --backbone-weights PATH (alexnet-owt-7be5be79.pth) or --backbone-weights none") from None
-        source = f"ImageNet AlexNet ({os.path.basename(url)})"
-    else:
-        path = os.path.expanduser(spec)
-        if not os.path.isfile(path):
-            raise common.DataError(f"{path}: AlexNet weights not found (expected torchvision's alexnet-owt-7be5be79.pth, "
-                                   "'imagenet' or 'none')")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise common.DataError(f"{path}: cannot load AlexNet weights ({type(e).__name__})") from None
-        source = f"AlexNet weights from {path}"
-    if not isinstance(state, dict):
-        raise common.DataError(f"{spec}: not a state dict (expected torchvision AlexNet keys features.*)")
-    features = {k: v for k, v in state.items() if k.startswith("features.")}
-    expected = backbone.state_dict()
-    for key, value in expected.items():
-        if key not in features:
-            raise common.DataError(f"{spec}: AlexNet weights lack {key} (expected torchvision's alexnet keys)")
-        if tuple(features[key].shape) != tuple(value.shape):
-            raise common.DataError(f"{spec}: {key} has shape {tuple(features[key].shape)}, expected {tuple(value.shape)}")
-    backbone.load_state_dict({k: features[k] for k in expected})
-    return source
 
 
 class MomentAccumulator:
@@ -756,7 +714,7 @@ def build_parser():
     parser.add_argument("--backbone-weights", default=None,
                         help="'imagenet' (torchvision alexnet-owt-7be5be79.pth via torch.hub), PATH, or 'none' = random "
                              "(default: imagenet; synthetic: none)")
-    parser.add_argument("--backbone-url", default=ALEXNET_URL, help="URL for --backbone-weights imagenet")
+    parser.add_argument("--backbone-url", default=common.ALEXNET_URL, help="URL for --backbone-weights imagenet")
     parser.add_argument("--no-cascade", action="store_true", help="one Gaussian classifier instead of the G1/G2 cascade")
     parser.add_argument("--single-classifier", choices=("g1", "g2"), default="g2",
                         help="with --no-cascade: g1 = Gaussian on C_k (Table 1, Table 3 'C2 output'), g2 = Gaussian on CT (Table 2)")
@@ -820,7 +778,7 @@ def main(argv=None):
         if resuming:
             args.backbone_source = common.load_checkpoint(ckpt_path).get("backbone", "from model.pt")
         else:
-            args.backbone_source = load_backbone_weights(model.backbone, args.backbone_weights, args.backbone_url)
+            args.backbone_source = common.load_alexnet_features(model.backbone, args.backbone_weights, args.backbone_url)
         print(f"deep_anomaly: {args.dataset}, input {args.input_size[0]}x{args.input_size[1]}, layer C{args.layer}, "
               f"hidden {args.hidden}, {args.backbone_source}, device {args.device}")
         train_time = train(model, ds, args)

@@ -82,7 +82,6 @@ from tqdm import tqdm
 import common
 import eval as vad_eval
 
-ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -210,42 +209,6 @@ class AlexNetConv5(nn.Module):
         rgb = ((gray + 1.0) * 0.5).expand(-1, 3, -1, -1)
         x = (rgb - self.mean) / self.std
         return self.features[:12](x)  # conv5 + relu5; features[12] is pool5 (Deviation 6)
-
-
-def load_alexnet_weights(model, spec, url=ALEXNET_URL):
-    """spec: "imagenet" (torchvision's file via torch.hub, cached under TORCH_HOME), "none" (random
-    weights), or a path to a state dict with torchvision's keys (features.* used, classifier.* ignored).
-    Returns a short description for the protocol string."""
-    if spec == "none":
-        print("WARNING: --backbone-weights none: AlexNet conv5 uses RANDOM weights, not ImageNet; the "
-              "appearance stream is not the paper's.")
-        return "alexnet-random"
-    if spec == "imagenet":
-        try:
-            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True,
-                                                       check_hash=True, weights_only=True)
-        except Exception as e:  # no network, bad hash, ...
-            raise common.DataError(f"{url}: could not fetch AlexNet ImageNet weights ({type(e).__name__}: "
-                                   f"{e}); pass --backbone-weights PATH or --backbone-weights none") from None
-        source = "alexnet-imagenet"
-    else:
-        if not os.path.isfile(spec):
-            raise common.DataError(f"{spec}: expected an AlexNet state dict file (or 'imagenet' / 'none')")
-        try:
-            state = torch.load(spec, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise common.DataError(f"{spec}: not a loadable torch state dict ({type(e).__name__})") from None
-        source = f"alexnet-file:{os.path.basename(spec)}"
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    features = {k: v for k, v in state.items() if k.startswith("features.")}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in features.items()}
-    if got != expected:
-        raise common.DataError(f"{spec if spec != 'imagenet' else url}: AlexNet features.* keys/shapes do not "
-                               f"match torchvision's (expected {sorted(expected)}, got {sorted(got)})")
-    model.load_state_dict(features, strict=True)
-    return source
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -592,7 +555,7 @@ def main(argv=None):
     if not args.test:
         return
     alexnet = AlexNetConv5().to(args.device).eval().requires_grad_(False)
-    backbone = load_alexnet_weights(alexnet, args.backbone_weights) if args.streams != "motion" else "unused"
+    backbone = common.load_alexnet_features(alexnet, args.backbone_weights) if args.streams != "motion" else "unused"
     for net in nets.values():
         net.eval()  # dropout stays on (AlwaysDropout); instance norm has no running statistics
     test_flows = common.load_split_flows(ds, "test", size, method=config["flow_method"],

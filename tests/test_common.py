@@ -1,6 +1,7 @@
 """Tests for common.py: readers on small trees written here (with the real datasets' quirks), the synthetic
 dataset, caches, optical flow, sampling helpers, run plumbing, downloads, and the real Ped2 when present."""
 
+import functools
 import hashlib
 import http.server
 import json
@@ -572,3 +573,82 @@ def test_real_ped2(cache_dir):
     assert masks.shape == (180, 240, 360) and masks.any()
     frames = common.load_frames(ds.video("Test006"), (120, 180), cache_dir=cache_dir)
     assert frames.shape == (180, 120, 180)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AlexNet weights (torchvision's file) for the two scripts that define AlexNet themselves
+# ----------------------------------------------------------------------------------------------------------
+
+def _alexnet_features():
+    """torchvision's alexnet().features layout, written out (torchvision is not installed here)."""
+    import torch.nn as nn
+    model = nn.Module()
+    model.features = nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2))
+    return model
+
+
+def test_alexnet_weights_from_path_and_bad_files(tmp_path, capsys):
+    from torchvision_alexnet import TORCHVISION_ALEXNET_FEATURES, torchvision_like_state
+    assert {k: tuple(v.shape) for k, v in _alexnet_features().state_dict().items()} == TORCHVISION_ALEXNET_FEATURES
+    state = torchvision_like_state()
+    path = str(tmp_path / "alexnet.pth")
+    torch.save(state, path)
+    model = _alexnet_features()
+    desc = common.load_alexnet_features(model, path)
+    assert desc.startswith("alexnet-file") and path in desc
+    for k, v in model.state_dict().items():       # features.* loaded, classifier.* ignored
+        assert torch.equal(v, state[k])
+    # a wrong shape and a missing key are one-line DataErrors naming the key; a missing file names the file
+    bad = dict(state)
+    bad["features.3.weight"] = torch.zeros(256, 64, 5, 5)
+    torch.save(bad, str(tmp_path / "bad.pth"))
+    with pytest.raises(common.DataError, match="features.3.weight"):
+        common.load_alexnet_features(model, str(tmp_path / "bad.pth"))
+    del bad["features.3.weight"]
+    torch.save(bad, str(tmp_path / "missing_key.pth"))
+    with pytest.raises(common.DataError, match="lack features.3.weight"):
+        common.load_alexnet_features(model, str(tmp_path / "missing_key.pth"))
+    with pytest.raises(common.DataError, match="nope.pth.*not found"):
+        common.load_alexnet_features(model, str(tmp_path / "nope.pth"))
+    # "none" keeps the random weights and says so loudly
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    capsys.readouterr()
+    assert common.load_alexnet_features(model, "none") == "alexnet-random"
+    assert "RANDOM weights" in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_alexnet_weights_through_torch_hub_from_local_server(tmp_path, monkeypatch):
+    from torchvision_alexnet import torchvision_like_state
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    state = torchvision_like_state(seed=3)
+    torch.save(state, serve / "alexnet-local.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/alexnet-local.pth"
+    try:
+        model = _alexnet_features()
+        assert common.load_alexnet_features(model, "imagenet", url=url) == "alexnet-imagenet"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-local.pth").is_file()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # the server is gone: the second load comes from the TORCH_HOME cache
+    again = _alexnet_features()
+    common.load_alexnet_features(again, "imagenet", url=url)
+    assert torch.equal(again.features[0].weight, state["features.0.weight"])
+    # an unreachable file is a one-line DataError that names the way out
+    with pytest.raises(common.DataError, match="could not fetch.*--backbone-weights"):
+        common.load_alexnet_features(_alexnet_features(), "imagenet", url=url.replace("alexnet-local", "alexnet-other"))

@@ -1,13 +1,10 @@
 """Tests for deep_anomaly.py: D_t, AlexNet names/shapes and weight loading, receptive fields, Mahalanobis,
 sparse AE loss, the cascade, the zeta rule, training plumbing and an end-to-end synthetic run."""
 
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -17,26 +14,7 @@ from scipy.spatial.distance import mahalanobis
 
 import common
 import deep_anomaly as da
-
-# torchvision.models.alexnet().features state dict: key -> shape (torchvision 0.x, alexnet-owt-7be5be79.pth)
-TORCHVISION_ALEXNET_FEATURES = {
-    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
-    "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
-    "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
-    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
-    "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
-}
-# the classifier of the published checkpoint (ignored by the loader); shrunk in the fake file to keep it small
-TORCHVISION_ALEXNET_CLASSIFIER = ["classifier.1.weight", "classifier.1.bias", "classifier.4.weight",
-                                  "classifier.4.bias", "classifier.6.weight", "classifier.6.bias"]
-
-
-def fake_torchvision_checkpoint(path, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(*shape, generator=gen) for k, shape in TORCHVISION_ALEXNET_FEATURES.items()}
-    state.update({k: torch.zeros(2) for k in TORCHVISION_ALEXNET_CLASSIFIER})
-    torch.save(state, path)
-    return state
+from torchvision_alexnet import TORCHVISION_ALEXNET_FEATURES
 
 
 # ------------------------------------------------------------------------------------------ backbone
@@ -46,66 +24,6 @@ def test_alexnet_state_dict_matches_torchvision_table():
     sd = da.AlexNetFeatures().state_dict()
     assert list(sd) == list(TORCHVISION_ALEXNET_FEATURES)
     assert {k: tuple(v.shape) for k, v in sd.items()} == TORCHVISION_ALEXNET_FEATURES
-
-
-def test_load_backbone_from_path_uses_features_only(tmp_path, capsys):
-    path = str(tmp_path / "alexnet.pth")
-    state = fake_torchvision_checkpoint(path)
-    model = da.AlexNetFeatures()
-    desc = da.load_backbone_weights(model, path)
-    assert path in desc
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k])
-    # a wrong shape and a missing key are one-line DataErrors
-    bad = dict(state)
-    bad["features.3.weight"] = torch.zeros(256, 64, 5, 5)
-    torch.save(bad, str(tmp_path / "bad.pth"))
-    with pytest.raises(common.DataError, match="features.3.weight"):
-        da.load_backbone_weights(model, str(tmp_path / "bad.pth"))
-    del bad["features.3.weight"]
-    torch.save(bad, str(tmp_path / "missing.pth"))
-    with pytest.raises(common.DataError, match="lack features.3.weight"):
-        da.load_backbone_weights(model, str(tmp_path / "missing.pth"))
-    with pytest.raises(common.DataError, match="not found"):
-        da.load_backbone_weights(model, str(tmp_path / "nope.pth"))
-
-
-def test_backbone_none_is_loud(capsys):
-    model = da.AlexNetFeatures()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    desc = da.load_backbone_weights(model, "none")
-    assert "random" in desc
-    assert "RANDOM" in capsys.readouterr().err
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_load_backbone_through_torch_hub_from_local_server(tmp_path, monkeypatch):
-    serve = tmp_path / "serve"
-    serve.mkdir()
-    state = fake_torchvision_checkpoint(str(serve / "alexnet-local.pth"), seed=3)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/alexnet-local.pth"
-    try:
-        model = da.AlexNetFeatures()
-        da.load_backbone_weights(model, "imagenet", url=url)
-    finally:
-        server.shutdown()
-        server.server_close()
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-local.pth"
-    assert cached.is_file()
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    # the server is gone: the second load comes from the TORCH_HOME cache
-    again = da.AlexNetFeatures()
-    da.load_backbone_weights(again, "imagenet", url=url)
-    assert torch.equal(again.features[0].weight, state["features.0.weight"])
-    # an unreachable URL is a one-line DataError that names the way out
-    with pytest.raises(common.DataError, match="--backbone-weights"):
-        da.load_backbone_weights(da.AlexNetFeatures(), "imagenet", url=url.replace("alexnet-local", "alexnet-other"))
 
 
 def test_import_needs_no_torchvision():
@@ -449,7 +367,7 @@ def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frame_auc_micro"] >= 0.75, metrics
     assert metrics["pixel_auc"] is not None
-    assert metrics["test_fps"] > 0 and "random AlexNet" in metrics["protocol"]
+    assert metrics["test_fps"] > 0 and "alexnet-random" in metrics["protocol"]
     with np.load(out / "scores.npz") as z:
         frame = z["frame/Test001"]
         vmap = z["map/Test001"]

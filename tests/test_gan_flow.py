@@ -1,12 +1,8 @@
 """Tests for gan_flow.py (Ravanbakhsh et al. 2017): pix2pix shapes, losses, flow image, fusion, AlexNet
 weights, checkpoint/resume, NaN handling and an end-to-end synthetic run."""
 
-import functools
-import http.server
 import json
 import math
-import os
-import threading
 
 import cv2
 import numpy as np
@@ -17,32 +13,8 @@ import torch.nn as nn
 import common
 import gan_flow
 from gan_flow import (AlexNetConv5, PatchDiscriminator, UNetGenerator, discriminator_loss, flow_to_image,
-                      fuse_video, generator_loss, load_alexnet_weights)
-
-# torchvision.models.alexnet().state_dict(): keys and shapes, pinned here (torchvision is not installed).
-TORCHVISION_ALEXNET = {
-    "features.0.weight": (64, 3, 11, 11), "features.0.bias": (64,),
-    "features.3.weight": (192, 64, 5, 5), "features.3.bias": (192,),
-    "features.6.weight": (384, 192, 3, 3), "features.6.bias": (384,),
-    "features.8.weight": (256, 384, 3, 3), "features.8.bias": (256,),
-    "features.10.weight": (256, 256, 3, 3), "features.10.bias": (256,),
-    "classifier.1.weight": (4096, 9216), "classifier.1.bias": (4096,),
-    "classifier.4.weight": (4096, 4096), "classifier.4.bias": (4096,),
-    "classifier.6.weight": (1000, 4096), "classifier.6.bias": (1000,),
-}
-
-
-def torchvision_like_state(seed=0):
-    """A state dict with torchvision's AlexNet keys and shapes. The big classifier tensors are zero-stride
-    expanded views (a few bytes on disk): the script must ignore them anyway."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in TORCHVISION_ALEXNET.items():
-        if key.startswith("features."):
-            state[key] = torch.randn(shape, generator=g)
-        else:
-            state[key] = torch.zeros(1).expand(shape)
-    return state
+                      fuse_video, generator_loss)
+from torchvision_alexnet import TORCHVISION_ALEXNET_FEATURES
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -177,7 +149,7 @@ def test_score_video_assembles_scores_and_maps():
 def test_alexnet_keys_and_shapes_match_torchvision():
     model = AlexNetConv5()
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == {k: v for k, v in TORCHVISION_ALEXNET.items() if k.startswith("features.")}
+    assert ours == TORCHVISION_ALEXNET_FEATURES
     assert [type(m).__name__ for m in model.features] == [
         "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
         "Conv2d", "ReLU", "MaxPool2d"]
@@ -186,51 +158,6 @@ def test_alexnet_keys_and_shapes_match_torchvision():
     with torch.inference_mode():
         assert model(torch.zeros(2, 1, 256, 256)).shape == (2, 256, 15, 15)   # conv5, before pool5
         assert model(torch.zeros(1, 1, 227, 227)).shape == (1, 256, 13, 13)
-
-
-def test_alexnet_weights_from_path_and_mismatch(tmp_path, capsys):
-    state = torchvision_like_state()
-    path = tmp_path / "alexnet.pth"
-    torch.save(state, path)
-    model = AlexNetConv5()
-    assert load_alexnet_weights(model, str(path)).startswith("alexnet-file")
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key])
-    state["features.10.weight"] = torch.zeros(128, 256, 3, 3)
-    torch.save(state, path)
-    with pytest.raises(common.DataError, match="features.10.weight"):
-        load_alexnet_weights(AlexNetConv5(), str(path))
-    with pytest.raises(common.DataError, match="missing.pth"):
-        load_alexnet_weights(AlexNetConv5(), str(tmp_path / "missing.pth"))
-    assert load_alexnet_weights(AlexNetConv5(), "none") == "alexnet-random"
-    assert "RANDOM weights" in capsys.readouterr().out
-
-
-def test_alexnet_weights_via_load_state_dict_from_url(tmp_path, monkeypatch):
-    serve = tmp_path / "serve"
-    serve.mkdir()
-    state = torchvision_like_state(seed=3)
-    torch.save(state, serve / "alexnet-test.pth")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/alexnet-test.pth"
-        model = AlexNetConv5()
-        assert load_alexnet_weights(model, "imagenet", url=url) == "alexnet-imagenet"
-        assert torch.equal(model.state_dict()["features.10.weight"], state["features.10.weight"])
-        assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "alexnet-test.pth").is_file()
-        with pytest.raises(common.DataError, match="could not fetch"):
-            load_alexnet_weights(AlexNetConv5(), "imagenet", url=url.replace("alexnet-test", "nothere"))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ----------------------------------------------------------------------------------------------- training
