@@ -1124,6 +1124,11 @@ def build_parser(method: str, description: str) -> argparse.ArgumentParser:
                    help="score normalisation for evaluation (default: the paper's protocol)")
     p.add_argument("--smooth", default="none", help="score smoothing: none, gaussian:SIGMA or median:K")
     p.add_argument("--num-panels", type=int, default=4, help="example panels to plot")
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
+                   help="network input size: H W, or one number for a square (default: the paper's)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="time-boxed training slice: after M minutes stop at the next step boundary, save the "
+                        "checkpoint and print the command that continues (--resume); exits without testing")
     return p
 
 
@@ -1135,6 +1140,15 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     args.out = args.out or os.path.join("runs", args.method, args.dataset)
     if not args.train and not args.test:
         args.train = args.test = True
+    if getattr(args, "image_size", None) is not None:
+        size = tuple(args.image_size)
+        if len(size) == 1:
+            size = size * 2
+        if len(size) != 2 or min(size) < 1:
+            raise DataError(f"--image-size {' '.join(map(str, args.image_size))}: expected H W, or one number for a square")
+        args.image_size = size
+    if getattr(args, "max_minutes", None) is not None and args.max_minutes <= 0:
+        raise DataError(f"--max-minutes {args.max_minutes}: expected a positive number of minutes")
     import torch
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1235,6 +1249,217 @@ def run_main(main_fn) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable, time-boxed training and a fed GPU
+# --------------------------------------------------------------------------------------------------
+
+class TimeBudget:
+    """--max-minutes: a wall-clock budget for one training slice, checked by the caller at step boundaries."""
+
+    def __init__(self, minutes: float | None):
+        self.seconds = None if minutes is None else 60.0 * float(minutes)
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+
+def continue_command(script: str, argv=None) -> str:
+    """The shell command that continues a time-boxed run: the same arguments, plus --resume once."""
+    import shlex
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", os.path.basename(script), *map(str, args)])
+
+
+def report_time_stop(script: str, argv, checkpoint: str, progress: str, budget: TimeBudget) -> None:
+    """The one line a time-boxed slice prints when it stops: how far it got and the command that continues."""
+    print(f"stopped after {budget.elapsed() / 60:.1f} min (--max-minutes) at {progress}; checkpoint {checkpoint}; "
+          f"continue with: {continue_command(script, argv)}", flush=True)
+
+
+def resume_checkpoint(path: str, resume: bool, map_location="cpu") -> dict | None:
+    """--resume: the checkpoint at `path`, or None (saying so) when there is none yet: a fresh start."""
+    if not resume:
+        return None
+    if not os.path.isfile(path):
+        print(f"--resume: no {path} yet, starting fresh", flush=True)
+        return None
+    return load_checkpoint(path, map_location=map_location)
+
+
+def get_rng_state(generators: dict | None = None) -> dict:
+    """Every random state a training run draws from, in types torch.load(weights_only=True) accepts:
+    torch (CPU and every CUDA device), numpy's and Python's global generators, and the named
+    `generators` (np.random.Generator or torch.Generator objects, e.g. a sampler's)."""
+    import torch
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)],
+             "python": list(random.getstate()), "generators": {}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for key_name, gen in (generators or {}).items():
+        if isinstance(gen, torch.Generator):
+            state["generators"][key_name] = gen.get_state()
+        else:
+            state["generators"][key_name] = gen.bit_generator.state
+    return state
+
+
+def set_rng_state(state: dict, generators: dict | None = None) -> None:
+    """Restore what get_rng_state saved (the named `generators` in place)."""
+    import torch
+    torch.set_rng_state(state["torch"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for key_name, gen in (generators or {}).items():
+        saved = state["generators"][key_name]
+        if isinstance(gen, torch.Generator):
+            gen.set_state(saved)
+        else:
+            gen.bit_generator.state = saved
+
+
+def restore_training_args(args, parser: argparse.ArgumentParser, saved: dict, keys) -> list:
+    """A test-only run reports the settings the model was trained with: copy `keys` from the checkpoint's
+    saved args into `args`, and warn for each flag the command line set to a different value. Call it on
+    the freshly parsed args, before a script fills its own defaults in. Returns the warnings."""
+    warnings = []
+    for key in keys:
+        if key not in saved:
+            continue
+        given, default = getattr(args, key, None), parser.get_default(key)
+        value = saved[key]
+        value = tuple(value) if isinstance(value, list) else value
+        if given is not None and given != default and _json_safe(given) != _json_safe(value):
+            flag = "--" + key.replace("_", "-")
+            shown = " ".join(map(str, given)) if isinstance(given, (list, tuple)) else given
+            warnings.append(f"warning: {flag} {shown} ignored: the checkpoint was trained with {value}")
+            print(warnings[-1], file=sys.stderr, flush=True)
+        setattr(args, key, value)
+    return warnings
+
+
+class LossMonitor:
+    """Sums losses on their device and checks them for NaN/inf every `every` steps and at `means()`: one
+    host sync per check instead of one per step. A non-finite sum stops training with a message; the
+    checkpoint on disk is the last finite one."""
+
+    def __init__(self, every: int = 50):
+        self.every = every
+        self.sums, self.count = {}, 0
+
+    def add(self, where: str, **losses) -> None:
+        for name, loss in losses.items():
+            value = loss.detach().float() if hasattr(loss, "detach") else float(loss)
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+        if self.count % self.every == 0:
+            self.check(where)
+
+    def check(self, where: str) -> dict:
+        values = {k: float(v) for k, v in self.sums.items()}      # the one host sync
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(f"non-finite {', '.join(bad)} loss at or before {where}; "
+                                f"training stopped, the last checkpoint is kept")
+        return values
+
+    def means(self, where: str) -> dict:
+        """Mean of each loss since the last call (checked), then reset."""
+        values = self.check(where)
+        means = {k: v / max(self.count, 1) for k, v in values.items()}
+        self.sums, self.count = {}, 0
+        return means
+
+
+def to_device(array, device, dtype=None):
+    """One host array/tensor on `device`; on CUDA through pinned memory with non_blocking=True."""
+    import torch
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable
+                                                                         else np.array(array))
+    if dtype is not None and not t.is_floating_point() and dtype.is_floating_point and torch.device(device).type == "cpu":
+        return t.to(dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)
+
+
+def prefetch_to_device(batches, device, depth: int = 2):
+    """Yield each host batch (numpy array or CPU tensor) as a tensor on `device`. On CUDA the copies go
+    through `depth` reused pinned buffers on a side stream with non_blocking=True, issued `depth - 1`
+    batches ahead, so the next batch is read and copied while the GPU computes on the current one."""
+    import torch
+    from collections import deque
+    device = torch.device(device)
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    pinned, copied = [None] * depth, [None] * depth
+    pending = deque()
+    for i, batch in enumerate(batches):
+        slot = i % depth
+        if copied[slot] is not None:
+            copied[slot].synchronize()             # that buffer's previous copy must be done before reuse
+        host = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
+        if pinned[slot] is None or pinned[slot].shape != host.shape or pinned[slot].dtype != host.dtype:
+            pinned[slot] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned[slot].copy_(host)
+        with torch.cuda.stream(copy_stream):
+            on_device = pinned[slot].to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        copied[slot] = done
+        pending.append((on_device, done))
+        if len(pending) == depth:
+            yield _take(pending.popleft(), device)
+    while pending:
+        yield _take(pending.popleft(), device)
+
+
+def _take(item, device):
+    import torch
+    tensor, done = item
+    stream = torch.cuda.current_stream(device)
+    stream.wait_event(done)
+    tensor.record_stream(stream)            # the caching allocator must not reuse it while `stream` works
+    return tensor
+
+
+def pad_batch(batch, size: int):
+    """Pad a batch along axis 0 to `size` rows by repeating its last row, so every batch has one shape
+    (no cuDNN re-tuning or re-compilation for a short last batch). Returns (padded, number of real rows)."""
+    n = len(batch)
+    if n == size:
+        return batch, n
+    if n == 0 or n > size:
+        raise ValueError(f"pad_batch: {n} rows do not fit a batch of {size}")
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch, np.repeat(batch[-1:], size - n, axis=0)]), n
+    import torch
+    return torch.cat([batch, batch[-1:].expand(size - n, *batch.shape[1:])]), n
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): call before reading a timer."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------------
