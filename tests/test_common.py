@@ -6,8 +6,10 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -28,6 +30,20 @@ def frame(value, h=H, w=W):
     img = np.full((h, w), value, np.uint8)
     img[2:6, 2:6] = 255 - value
     return img
+
+
+def level(indices):
+    """Gray levels that encode frame indices (10 apart, so they survive JPEG/MJPEG compression)."""
+    return [(10 * i + 5) % 256 for i in indices]
+
+
+def assert_frame_order(frames, indices):
+    """Each decoded frame shows the level of the frame index expected at its position (away from the
+    inverted 4x4 corner patch), so a reordered, shifted or repeated frame fails."""
+    frames = np.asarray(frames)
+    h, w = frames.shape[1:3]
+    got = frames[:, h // 2, w // 2].astype(int)
+    np.testing.assert_allclose(got, level(indices), atol=4)
 
 
 def write_frames(folder, values, names=None, ext=".png"):
@@ -193,11 +209,11 @@ def test_ucsd_errors_name_the_path(tmp_path, breaker, cache_dir):
 def make_frames_layout(root, name="ped2", labels_source="mat"):
     """MNAD / ano_pred style: <name>/{training,testing}/frames/<video>/<n>.jpg, labels in one of three places."""
     base = os.path.join(root, name)
-    for v, n in (("01", 5), ("02", 4)):
-        write_frames(os.path.join(base, "training", "frames", v), [30] * n, names=[f"{i}.jpg" for i in range(n)])
+    for v, n in (("01", 5), ("02", 4)):     # unpadded names 0..n-1: numeric order is frame order
+        write_frames(os.path.join(base, "training", "frames", v), level(range(n)), names=[f"{i}.jpg" for i in range(n)])
     labels = {"01": [0, 0, 1, 1, 0, 1], "02": [1, 1, 1]}
     for v, lab in labels.items():
-        write_frames(os.path.join(base, "testing", "frames", v), [30] * len(lab),
+        write_frames(os.path.join(base, "testing", "frames", v), level(range(len(lab))),
                      names=[f"{i:04d}.jpg" for i in range(len(lab))])
     if labels_source == "mat":       # per video a 2 x K array of 1-based start/end rows
         gt = np.empty((1, 2), dtype=object)
@@ -217,6 +233,8 @@ def make_frames_layout(root, name="ped2", labels_source="mat"):
 
 @pytest.mark.parametrize("labels_source", ["mat", "npy", "frame_mask"])
 def test_frames_layout(tmp_path, labels_source):
+    """Frames encode their index; mutation caught (besides the three label sources): frames read in another
+    order."""
     base, labels = make_frames_layout(str(tmp_path), labels_source=labels_source)
     ds = common.load_dataset("ped2", str(tmp_path))
     assert ds.layout == "frames"
@@ -226,6 +244,8 @@ def test_frames_layout(tmp_path, labels_source):
     assert [v.has_masks for v in ds.test] == [True, False]
     assert ds.video("01") is ds.test[0]          # test videos win when names repeat across splits
     np.testing.assert_array_equal(ds.test[0].read_masks().any(axis=(1, 2)), labels["01"])
+    assert_frame_order(ds.train[0].read_frames(), range(5))
+    assert_frame_order(ds.test[0].read_frames(), range(6))
 
 
 def test_frames_layout_label_errors(tmp_path):
@@ -239,12 +259,142 @@ def test_frames_layout_label_errors(tmp_path):
     with pytest.raises(common.DataError) as e:
         common.load_dataset("ped2", str(tmp_path))
     assert_one_line(e.value, base)
+    hf2vad = os.path.join(base, "ground_truth_demo", "gt_label.json")      # HF2-VAD's pickled labels
+    os.makedirs(os.path.dirname(hf2vad))
+    with open(hf2vad, "wb") as f:
+        f.write(b"\x80\x04pickle")
+    with pytest.raises(common.DataError, match="HF2-VAD.*not read.*frame_labels_ped2.npy") as e:
+        common.load_dataset("ped2", str(tmp_path))
+    assert_one_line(e.value, hf2vad)
     np.save(bad, np.zeros((1, 9)))
     pix = os.path.join(base, "testing", "test_pixel_mask", "01.npy")
     np.save(pix, np.zeros((5, H, W), np.uint8))   # 6 frames on disk
     with pytest.raises(common.DataError) as e:
         common.load_dataset("ped2", str(tmp_path))
     assert_one_line(e.value, pix)
+
+
+def test_frames_layout_only_under_the_datasets_own_name(tmp_path):
+    """Mutations caught: the frames-layout finder accepting the data root itself whatever its name (then
+    `--dataset avenue --data-root .../ped2` loads Ped2 as Avenue), or any sub-folder with testing/frames;
+    the labels finder trying another dataset's label file (ped2.mat, frame_labels_ped2.npy) for avenue."""
+    root = str(tmp_path)
+    base, labels = make_frames_layout(root, name="ped2", labels_source="mat")
+    np.save(os.path.join(root, "frame_labels_ped2.npy"), np.array([labels["01"] + labels["02"]]))
+    for name, data_root in (("avenue", base), ("avenue", root), ("shanghaitech", base), ("ped1", root)):
+        with pytest.raises(common.DataError, match=f"no {name} dataset found"):
+            common.load_dataset(name, data_root)
+    # the data root itself counts when it is named for the dataset; letter case does not matter
+    assert common.load_dataset("ped2", base).root == os.path.abspath(base)
+    os.rename(base, os.path.join(root, "Avenue"))
+    with pytest.raises(common.DataError) as e:      # an avenue folder, but only ped2's labels around
+        common.load_dataset("avenue", root)
+    assert_one_line(e.value, os.path.join(root, "Avenue"))
+    assert "ped2" not in str(e.value)
+    np.save(os.path.join(root, "frame_labels_avenue.npy"), np.array([labels["01"] + labels["02"]]))
+    ds = common.load_dataset("avenue", root)
+    assert ds.name == "avenue" and [v.name for v in ds.test] == ["01", "02"]
+
+
+class _MakeDirOnUnpickle:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+@pytest.mark.parametrize("bad", ["pickle", "garbage", "object_array", "wrong_shape", "text_dtype"])
+def test_bad_frame_label_npy_is_one_line_error(tmp_path, bad):
+    """Mutations caught: np.load with allow_pickle=True (the pickle is unpickled: its code runs) or without
+    catching ValueError (a traceback), a non-numeric array accepted as labels, and frame_labels_<name>.npy
+    of any shape accepted when only its size matches."""
+    make_frames_layout(str(tmp_path), labels_source="npy")
+    path = os.path.join(str(tmp_path), "frame_labels_ped2.npy")
+    ran = str(tmp_path / "unpickling_ran")
+    if bad == "pickle":         # a pickle whose loading would create a folder: it must never be unpickled
+        import pickle
+        with open(path, "wb") as f:
+            pickle.dump(_MakeDirOnUnpickle(ran), f)
+    elif bad == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY garbage")
+    elif bad == "object_array":
+        np.save(path, np.array([[0, 1]] * 9 + [None], dtype=object), allow_pickle=True)
+    elif bad == "wrong_shape":
+        np.save(path, np.zeros((3, 3)))             # 9 values, as many as test frames, but not (1, 9) or (9,)
+    else:
+        np.save(path, np.array(["0"] * 9))
+    with pytest.raises(common.DataError) as e:
+        common.load_dataset("ped2", str(tmp_path))
+    assert_one_line(e.value, path)
+    assert "expected" in str(e.value) and not os.path.exists(ran)
+
+
+def test_unreadable_data_and_cache_are_one_line_errors(tmp_path, cache_dir, monkeypatch, capsys):
+    """Mutations caught: os.listdir / os.stat / the cache or run-folder write (_atomic_write) / load_dataset
+    letting PermissionError or another OSError through as a traceback instead of a DataError naming the
+    path, and an unreadable cache entry treated as damaged and rebuilt (the tests run as root, so
+    permission errors are simulated)."""
+    root = str(tmp_path / "data")
+    base, _ = make_ucsd(root)
+    ds = common.load_dataset("ped2", root)
+    train = os.path.join(base, "Train")
+    real_listdir, real_stat = os.listdir, os.stat
+    real_mkstemp, real_mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
+
+    def listdir(path="."):
+        if os.path.abspath(path) == os.path.abspath(train):
+            raise PermissionError(13, "Permission denied", path)
+        return real_listdir(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(common.DataError, match="cannot list the folder") as e:
+        common.load_dataset("ped2", root)
+    assert_one_line(e.value, train)
+    monkeypatch.setattr(os, "listdir", real_listdir)
+
+    frame_file = ds.train[0].frame_files[3]
+
+    def stat(path, *a, **k):
+        if os.fspath(path) == frame_file:
+            raise OSError(5, "Input/output error", path)
+        return real_stat(path, *a, **k)
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(common.DataError) as e:
+        common.load_frames(ds.train[0], cache_dir=cache_dir)
+    assert_one_line(e.value, frame_file)
+    monkeypatch.setattr(os, "stat", real_stat)
+
+    def no_temp(*a, dir=None, **k):
+        raise PermissionError(13, "Permission denied", dir)
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temp)
+    with pytest.raises(common.DataError) as e:
+        common.load_frames(ds.train[0], cache_dir=cache_dir)
+    assert_one_line(e.value, os.path.join(cache_dir, "frames"))
+    assert "cache" in str(e.value)
+    with pytest.raises(common.DataError) as e:       # a run folder that cannot be written
+        common.write_json(str(tmp_path / "run" / "metrics.json"), {"auc": 0.5})
+    assert_one_line(e.value, str(tmp_path / "run" / "metrics.json"))
+    with pytest.raises(common.DataError) as e:       # the synthetic dataset is generated into the cache
+        common.load_dataset("synthetic", cache_dir=str(tmp_path / "other_cache"))
+    assert_one_line(e.value, str(tmp_path / "other_cache"))
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", real_mkdtemp)
+
+    entry = common.load_frames(ds.train[0], cache_dir=cache_dir).filename
+    real_load = np.load
+
+    def load(path, *a, **k):
+        if os.fspath(path) == entry:
+            raise PermissionError(13, "Permission denied", path)
+        return real_load(path, *a, **k)
+    monkeypatch.setattr(np, "load", load)
+    capsys.readouterr()
+    with pytest.raises(common.DataError, match="cannot read the cache entry") as e:
+        common.load_frames(ds.train[0], cache_dir=cache_dir)
+    assert_one_line(e.value, entry)
+    assert "rebuilding" not in capsys.readouterr().err     # unreadable is not damaged: it is not rebuilt
 
 
 def write_avi(path, values, h=H * 2, w=W * 2):
@@ -257,14 +407,16 @@ def write_avi(path, values, h=H * 2, w=W * 2):
 
 
 def test_shanghaitech_layout_and_scene_filter(tmp_path):
+    """Frames encode their index. Mutations caught (besides names, labels, the scene filter): training avi
+    frames or testing frame files read in another order."""
     base = os.path.join(str(tmp_path), "shanghaitech")
-    write_avi(os.path.join(base, "training", "videos", "01_001.avi"), [40] * 7)
-    write_avi(os.path.join(base, "training", "videos", "02_001.avi"), [40] * 3)
+    write_avi(os.path.join(base, "training", "videos", "01_001.avi"), level(range(7)))
+    write_avi(os.path.join(base, "training", "videos", "02_001.avi"), level(range(3)))
     labels = {"01_0014": [0, 1, 1, 0], "02_0001": [0, 0, 1]}
     os.makedirs(os.path.join(base, "testing", "test_frame_mask"))
     os.makedirs(os.path.join(base, "testing", "test_pixel_mask"))
     for v, lab in labels.items():
-        write_frames(os.path.join(base, "testing", "frames", v), [50] * len(lab),
+        write_frames(os.path.join(base, "testing", "frames", v), level(range(len(lab))),
                      names=[f"{i:03d}.jpg" for i in range(len(lab))])
         np.save(os.path.join(base, "testing", "test_frame_mask", v + ".npy"), np.array(lab))
         np.save(os.path.join(base, "testing", "test_pixel_mask", v + ".npy"), box_masks(lab).astype(np.uint8))
@@ -274,7 +426,9 @@ def test_shanghaitech_layout_and_scene_filter(tmp_path):
     tr = ds.video("01_001")
     assert tr.num_frames == 7 and tr.frame_shape == (2 * H, 2 * W)
     frames = tr.read_frames()
-    assert frames.shape == (7, 2 * H, 2 * W) and abs(int(frames[0, 20, 20]) - 40) < 8
+    assert frames.shape == (7, 2 * H, 2 * W)
+    assert_frame_order(frames, range(7))
+    assert_frame_order(ds.video("01_0014").read_frames(), range(4))
     one = common.load_dataset("shanghaitech", str(tmp_path), scene="1")
     assert [v.name for v in one.train] == ["01_001"] and [v.name for v in one.test] == ["01_0014"]
     np.testing.assert_array_equal(one.test[0].labels, labels["01_0014"])
@@ -283,22 +437,26 @@ def test_shanghaitech_layout_and_scene_filter(tmp_path):
 
 
 def test_avenue_reader(tmp_path, cache_dir):
+    """Frames encode their index. Mutation caught (besides labels and masks): video frames decoded in
+    another order."""
     base = os.path.join(str(tmp_path), "Avenue Dataset")
-    write_avi(os.path.join(base, "training_videos", "01.avi"), [60] * 6)
+    write_avi(os.path.join(base, "training_videos", "01.avi"), level(range(6)))
     lengths = {"01.avi": [0, 0, 1, 1, 0], "02.avi": [1, 1, 1, 1]}      # 02: abnormal in every frame
     label_dir = os.path.join(str(tmp_path), "ground_truth_demo", "testing_label_mask")
     os.makedirs(label_dir)
     for i, (fn, lab) in enumerate(lengths.items()):
-        write_avi(os.path.join(base, "testing_videos", fn), [70] * len(lab))
+        write_avi(os.path.join(base, "testing_videos", fn), level(range(i, i + len(lab))))   # 02 starts at level 1
         cells = np.empty((1, len(lab)), dtype=object)
         for t, m in enumerate(box_masks(lab)):
             cells[0, t] = cv2.resize(m.astype(np.uint8), (2 * W, 2 * H), interpolation=cv2.INTER_NEAREST)
         scipy.io.savemat(os.path.join(label_dir, f"{i + 1}_label.mat"), {"volLabel": cells})   # not zero-padded
     ds = common.load_dataset("avenue", str(tmp_path), cache_dir=cache_dir)
     assert [v.name for v in ds.test] == ["01", "02"]
-    for v, lab in zip(ds.test, lengths.values()):
+    for i, (v, lab) in enumerate(zip(ds.test, lengths.values())):
         np.testing.assert_array_equal(v.labels, lab)
         assert v.read_masks().shape == (len(lab), 2 * H, 2 * W)
+        assert_frame_order(v.read_frames(), range(i, i + len(lab)))
+    assert_frame_order(ds.train[0].read_frames(), range(6))
     again = common.load_dataset("avenue", str(tmp_path), cache_dir=cache_dir)     # labels from the cache
     np.testing.assert_array_equal(again.test[1].labels, [1, 1, 1, 1])
     # a label file with another frame count than its video
@@ -313,8 +471,10 @@ def test_avenue_reader(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("fmt", ["json", "txt"])
-def test_umn_reader(tmp_path, fmt):
-    write_avi(os.path.join(str(tmp_path), "UMN", "Crowd-Activity-All.avi"), [80] * 20)
+def test_umn_reader(tmp_path, fmt, cache_dir):
+    """Frames encode their index. Mutations caught: a clip's start offset in the avi ignored (same counts,
+    other frames), frames decoded in another order."""
+    write_avi(os.path.join(str(tmp_path), "UMN", "Crowd-Activity-All.avi"), level(range(20)))
     labels = os.path.join(str(tmp_path), "labels." + fmt)
     with open(labels, "w") as f:
         if fmt == "json":
@@ -326,6 +486,9 @@ def test_umn_reader(tmp_path, fmt):
     assert [(v.name, v.num_frames) for v in ds.train + ds.test] == [("lawn_train", 8), ("lawn_test", 12)]
     np.testing.assert_array_equal(ds.test[0].labels, [0] * 6 + [1] * 6)
     assert ds.test[0].read_frames().shape == (12, 2 * H, 2 * W)
+    assert_frame_order(ds.test[0].read_frames(), range(8, 20))      # avi frames 9..20 (1-based)
+    assert_frame_order(ds.train[0].read_frames(), range(8))
+    assert_frame_order(common.load_frames(ds.test[0], (H, W), cache_dir=cache_dir), range(8, 20))
     with pytest.raises(common.DataError) as e:
         common.load_dataset("umn", str(tmp_path))
     assert_one_line(e.value, "Crowd-Activity-All.avi")
@@ -333,10 +496,17 @@ def test_umn_reader(tmp_path, fmt):
 
 # ------------------------------------------------------------------------------------------ synthetic
 
-def test_synthetic_dataset(shared_cache, tmp_path):
-    t0 = time.time()
+@pytest.mark.slow
+def test_synthetic_generation_benchmark(tmp_path):
+    """Benchmark, outside the default suite (a wall-clock limit fails on a busy machine): generating the
+    synthetic dataset takes under 5 s."""
+    t0 = time.perf_counter()
+    common.load_dataset("synthetic", cache_dir=str(tmp_path / "c"), seed=0)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_synthetic_dataset(shared_cache, tmp_path, monkeypatch):
     ds = common.load_dataset("synthetic", "/nonexistent", cache_dir=shared_cache, seed=0)
-    assert time.time() - t0 < 5
     root = os.path.join(shared_cache, "synthetic", "seed0", "UCSDsynthetic")
     assert ds.root == os.path.abspath(root) and os.path.isfile(os.path.join(root, "Test", "UCSDsynthetic.m"))
     s = ds.summary()
@@ -355,7 +525,10 @@ def test_synthetic_dataset(shared_cache, tmp_path):
     assert max(a.max() for a in areas) > 400          # a cart (~30 x 20 px)
     centroid_x = [np.nonzero(m)[1].mean() for m in ds.test[0].read_masks() if m.any()]   # Test001: fast movers
     assert np.median(np.abs(np.diff(centroid_x))) >= 5
-    # deterministic: a second generation with the same seed is identical, another seed differs
+    # deterministic: a second generation with the same seed is identical, another seed differs (each video
+    # draws from its own (seed, split, index) stream, so fewer videos keep the third test video the same)
+    monkeypatch.setattr(common, "_SYN_TRAIN", 1)
+    monkeypatch.setattr(common, "_SYN_TEST", 3)
     again = common.load_dataset("synthetic", cache_dir=str(tmp_path / "c2"), seed=0)
     np.testing.assert_array_equal(again.test[2].read_frames(), ds.test[2].read_frames())
     other = common.load_dataset("synthetic", cache_dir=str(tmp_path / "c2"), seed=1)
@@ -391,6 +564,104 @@ def shifted_texture_video(folder, dx, dy, n=4, size=64):
         cv2.imwrite(os.path.join(folder, f"{t}.png"), big[y0:y0 + size, x0:x0 + size])
     files = common._list_images(folder)
     return common.Video("shift", "train", n, (size, size), None, False, folder, frame_files=files)
+
+
+def bmp_video(folder, values):
+    """A frame folder of BMP files: rewriting one with other pixels keeps its name and its size."""
+    write_frames(folder, values, ext=".bmp")
+    files = common._list_images(folder)
+    return common.Video("bmp", "train", len(files), (H, W), None, False, folder, frame_files=files)
+
+
+def test_frame_cache_follows_rewritten_frames_and_settings(tmp_path, cache_dir, monkeypatch):
+    """Mutations caught: the frame cache keyed on the folder's mtime, or on the files' names and sizes
+    without their mtimes (a frame rewritten in place is then served stale from the cache); the resize
+    interpolation or the cache format version left out of the key."""
+    folder = str(tmp_path / "v")
+    v = bmp_video(folder, level(range(5)))
+    assert_frame_order(common.load_frames(v, cache_dir=cache_dir), range(5))
+    path = os.path.join(folder, "003.bmp")
+    size, folder_mtime = os.path.getsize(path), os.stat(folder).st_mtime_ns
+    assert cv2.imwrite(path, frame(level([9])[0]))                        # rewrite frame 3 in place
+    os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns + 10**9))  # a later mtime, even on coarse clocks
+    assert os.path.getsize(path) == size and os.stat(folder).st_mtime_ns == folder_mtime
+    assert_frame_order(common.load_frames(v, cache_dir=cache_dir), [0, 1, 9, 3, 4])
+    # the resize interpolation and the format version are part of the key
+    small = np.array(common.load_frames(v, (10, 15), cache_dir=cache_dir))
+    entries = set(os.listdir(os.path.join(cache_dir, "frames")))
+    monkeypatch.setattr(common, "RESIZE_INTERPOLATION", ("INTER_NEAREST", cv2.INTER_NEAREST))
+    nearest = np.array(common.load_frames(v, (10, 15), cache_dir=cache_dir))
+    assert not np.array_equal(small, nearest)       # at 2.4x the corner patch's edges are blended by INTER_AREA only
+    monkeypatch.setattr(common, "CACHE_VERSION", common.CACHE_VERSION + 1)
+    common.load_frames(v, (10, 15), cache_dir=cache_dir)
+    assert len(set(os.listdir(os.path.join(cache_dir, "frames"))) - entries) == 2
+
+
+def test_flow_cache_keyed_on_flow_parameters(tmp_path, cache_dir, capsys, monkeypatch):
+    """Mutations caught: the flow parameters left out of the flow cache key (changed Farneback settings
+    then reuse the old flows), or the workers computing with the module's globals instead of the
+    parameters that went into the key."""
+    v = shifted_texture_video(str(tmp_path / "v"), dx=2, dy=-1)
+    original = dict(common.FARNEBACK_PARAMS)
+    first = np.array(common.load_flows(v, (64, 64), cache_dir=cache_dir, workers=1))
+    capsys.readouterr()
+    monkeypatch.setitem(common.FARNEBACK_PARAMS, "winsize", 5)
+    monkeypatch.setitem(common.FARNEBACK_PARAMS, "levels", 1)
+    second = np.array(common.load_flows(v, (64, 64), cache_dir=cache_dir, workers=1))
+    assert "frames/s" in capsys.readouterr().out                   # computed, not read from the cache
+    assert not np.array_equal(first, second)
+    frames_path = common.load_frames(v, (64, 64), cache_dir=cache_dir).filename
+    np.testing.assert_array_equal(first, common._flow_chunk(("farneback", original, frames_path, 0, 3)))
+    assert len(os.listdir(os.path.join(cache_dir, "flows"))) == 2
+
+
+def test_written_files_keep_the_umask_and_stale_temp_files_go(tmp_path, cache_dir):
+    """Mutations caught: _atomic_write without its chmod (mkstemp's 0600 stays: a shared cache or run folder
+    unreadable by other users), and temp files of killed runs never removed (or young ones of a writer
+    still running, or files that are not ours, removed too)."""
+    v = bmp_video(str(tmp_path / "v"), level(range(3)))
+    old = os.umask(0o002)
+    try:
+        common.write_json(str(tmp_path / "run" / "metrics.json"), {"auc": 0.5})
+        assert os.stat(tmp_path / "run" / "metrics.json").st_mode & 0o777 == 0o664
+        os.umask(0o022)
+        entry = common.load_frames(v, cache_dir=cache_dir).filename
+        assert os.stat(entry).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    frames_dir = os.path.dirname(entry)
+    names = {"stale": "Test001_8x8_gray_0123456789abcdef.npy.k3j_x9q2.tmp",
+             "young": "Test002_8x8_gray_0123456789abcdef.npy.a1b2c3d4.tmp",
+             "stale_part": "UCSD_Anomaly_Dataset.tar.gz.zz9_8yy7.part",
+             "not_ours": "notes.tmp"}
+    for key, name in names.items():
+        with open(os.path.join(frames_dir, name), "wb") as f:
+            f.write(b"x")
+        if key != "young":
+            os.utime(os.path.join(frames_dir, name), (time.time() - common.STALE_TEMP_SECONDS - 60,) * 2)
+    common.load_frames(v, (8, 8), cache_dir=cache_dir)        # writes an entry into that folder
+    left = set(os.listdir(frames_dir))
+    assert names["stale"] not in left and names["stale_part"] not in left
+    assert names["young"] in left and names["not_ours"] in left and os.path.basename(entry) in left
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "wrong_shape"])
+def test_damaged_cache_entry_is_rebuilt(tmp_path, cache_dir, capsys, damage):
+    """Mutation caught: _load_cached letting EOFError (zero-byte file) through, or trusting an entry of the
+    wrong shape / a truncated one instead of warning and rebuilding it."""
+    v = bmp_video(str(tmp_path / "v"), level(range(4)))
+    entry = common.load_frames(v, cache_dir=cache_dir).filename
+    data = open(entry, "rb").read()
+    damaged = {"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"not an npy file",
+               "wrong_shape": None}[damage]
+    if damaged is None:
+        np.save(entry, np.zeros((3, H, W), np.uint8))
+    else:
+        open(entry, "wb").write(damaged)
+    capsys.readouterr()
+    assert_frame_order(common.load_frames(v, cache_dir=cache_dir), range(4))
+    assert f"warning: {entry}" in capsys.readouterr().err
+    assert open(entry, "rb").read() == data                         # rebuilt in place
 
 
 @pytest.mark.parametrize("method,workers", [("farneback", 2), ("dis", 1)])
@@ -519,6 +790,7 @@ def test_cli_summary_and_lazy_import(tmp_path):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     payload = os.urandom(300_000)
+    together = None         # a threading.Barrier: "/together" waits there halfway through the transfer
 
     def do_GET(self):
         self.send_response(200)
@@ -528,6 +800,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(self.payload[:1000])
             self.wfile.flush()
             self.close_connection = True
+            return
+        if self.path == "/together":   # both concurrent downloads are halfway before either finishes
+            half = len(self.payload) // 2
+            self.wfile.write(self.payload[:half])
+            self.wfile.flush()
+            try:
+                self.together.wait()
+            except threading.BrokenBarrierError:
+                pass
+            self.wfile.write(self.payload[half:])
             return
         self.wfile.write(self.payload)
 
@@ -556,6 +838,175 @@ def test_download(tmp_path, http_url):
     assert sorted(os.listdir(tmp_path)) == ["a"]        # no partial or bad files kept
     with pytest.raises(common.DataError, match="svip-lab"):
         common.download_dataset("shanghaitech", str(tmp_path))
+
+
+def test_concurrent_downloads_use_their_own_part_files(tmp_path, http_url):
+    """Mutation caught: one fixed `<dest>.part` shared by concurrent downloads of the same file (the second
+    one truncates the first one's bytes, and its rename then finds no file)."""
+    _Handler.together = threading.Barrier(2, timeout=20)
+    dest = str(tmp_path / "file.bin")
+    good = hashlib.sha256(_Handler.payload).hexdigest()
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(common.download(http_url + "/together", dest, good))
+        except Exception as e:      # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == [dest, dest]
+    assert open(dest, "rb").read() == _Handler.payload and os.listdir(tmp_path) == ["file.bin"]
+
+
+@pytest.fixture
+def file_server(tmp_path):
+    """(folder, base URL, list of requested paths): a local HTTP server over a folder the test fills."""
+    folder = tmp_path / "serve"
+    folder.mkdir()
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(folder), **k)
+
+        def do_GET(self):
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}", requested
+    server.shutdown()
+    server.server_close()
+
+
+def ucsd_archive(tmp_path, folder):
+    """A UCSD_Anomaly_Dataset.tar.gz like the official one (a small tree) in `folder`: (path, sha256, summary)."""
+    import tarfile
+    stage = str(tmp_path / "stage")
+    make_ucsd(stage)
+    summary = common.load_dataset("ped2", stage).summary()
+    path = os.path.join(str(folder), "UCSD_Anomaly_Dataset.tar.gz")
+    with tarfile.open(path, "w:gz") as t:
+        t.add(os.path.join(stage, "UCSD_Anomaly_Dataset.v1p2"), arcname="UCSD_Anomaly_Dataset.v1p2")
+    return path, common._sha256_file(path), summary
+
+
+def test_download_dataset_unpacks_atomically(tmp_path, file_server, monkeypatch):
+    """Mutations caught: unpacking straight into the data root (an interrupted unpack is then taken for a
+    complete dataset: the rerun skips it and the reader sees a partial tree), the kept archive fetched again
+    on the rerun, no fallback to the next mirror URL, and temp folders of killed unpacks never removed."""
+    import tarfile
+    folder, url, requested = file_server
+    _, sha, summary = ucsd_archive(tmp_path, folder)
+    monkeypatch.setitem(common.DOWNLOADS, "ped2", [dict(
+        common.DOWNLOADS["ped2"][0], sha256=sha,
+        urls=(url + "/gone/UCSD_Anomaly_Dataset.tar.gz", url + "/UCSD_Anomaly_Dataset.tar.gz"))])
+    root = str(tmp_path / "data")
+    real_makefile, made = tarfile.TarFile.makefile, []
+
+    def killed_midway(self, tarinfo, targetpath):      # the user presses Ctrl-C after 5 files
+        if len(made) == 5:
+            raise KeyboardInterrupt
+        made.append(targetpath)
+        return real_makefile(self, tarinfo, targetpath)
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        common.download_dataset("ped2", root)
+    assert len(made) == 5 and sorted(os.listdir(root)) == ["downloads"]       # nothing half-unpacked in view
+    assert not common._dataset_present("ped2", root)
+    with pytest.raises(common.DataError, match="no ped2 dataset found"):
+        common.load_dataset("ped2", root)
+    monkeypatch.setattr(tarfile.TarFile, "makefile", real_makefile)
+    killed = os.path.join(root, ".unpack-abcd1234")             # what a kill -9 during an unpack leaves
+    os.makedirs(os.path.join(killed, "UCSD_Anomaly_Dataset.v1p2"))
+    os.utime(killed, (time.time() - common.STALE_TEMP_SECONDS - 60,) * 2)
+    common.download_dataset("ped2", root)
+    assert common.load_dataset("ped2", root).summary() == summary
+    assert sorted(os.listdir(root)) == ["UCSD_Anomaly_Dataset.v1p2", "downloads"]
+    assert os.listdir(os.path.join(root, "downloads")) == ["UCSD_Anomaly_Dataset.tar.gz"]
+    assert requested == ["/gone/UCSD_Anomaly_Dataset.tar.gz", "/UCSD_Anomaly_Dataset.tar.gz"]   # fetched once
+    common.download_dataset("ped2", root)                       # present: nothing fetched
+    assert len(requested) == 2
+
+
+def test_download_dataset_checksum_mismatch_keeps_nothing(tmp_path, file_server, monkeypatch):
+    """Mutations caught: the pinned sha256 not checked (or a mismatching archive kept or unpacked), and a
+    mismatch answered by trying the next mirror instead of stopping."""
+    folder, url, requested = file_server
+    ucsd_archive(tmp_path, folder)
+    monkeypatch.setitem(common.DOWNLOADS, "ped2", [dict(
+        common.DOWNLOADS["ped2"][0], sha256="0" * 64,
+        urls=(url + "/UCSD_Anomaly_Dataset.tar.gz", url + "/UCSD_Anomaly_Dataset.tar.gz"))])
+    root = str(tmp_path / "data")
+    with pytest.raises(common.DataError, match="sha256 mismatch") as e:
+        common.download_dataset("ped2", root)
+    assert_one_line(e.value, "UCSD_Anomaly_Dataset.tar.gz")
+    assert sorted(os.listdir(root)) == ["downloads"] and os.listdir(os.path.join(root, "downloads")) == []
+    assert len(requested) == 1
+
+
+def test_download_table_pins_published_checksums():
+    """Mutation caught: an archive of UCSD or Avenue left without its sha256 (the check never runs on real
+    data)."""
+    for name in ("ped1", "ped2", "avenue"):
+        for item in common.DOWNLOADS[name]:
+            assert re.fullmatch(r"[0-9a-f]{64}", item["sha256"]), (name, item["urls"][0])
+            assert item["urls"][0].startswith("https://")
+
+
+def _tar(path, members):
+    """A tar file from (name, kind, target) members: kind "file" (target = content), "symlink" or "hardlink"."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as t:
+        for name, kind, target in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(target)
+                t.addfile(info, io.BytesIO(target))
+            else:
+                info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+                info.linkname = target
+                t.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("filters", ["tarfile filter", "no tarfile filter"])
+def test_unpack_rejects_members_escaping_the_folder(tmp_path, monkeypatch, filters):
+    """Mutation caught: on a Python without tarfile's extraction filters (before 3.11.4), extractall with
+    no checks of its own (a '../' name or a link leads outside the data root); with filters, extractall
+    without filter="data"."""
+    import tarfile
+    if filters == "no tarfile filter":
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile extraction filters")
+    dest = tmp_path / "data"
+    dest.mkdir()
+    good = _tar(str(tmp_path / "good.tar"), [("ds/a.txt", "file", b"a"), ("ds/sub/b.txt", "file", b"b"),
+                                            ("ds/link", "symlink", "a.txt"), ("ds/hard", "hardlink", "ds/a.txt")])
+    common._unpack(good, str(dest))
+    assert (dest / "ds" / "sub" / "b.txt").read_bytes() == b"b" and (dest / "ds" / "link").read_bytes() == b"a"
+    outside = tmp_path / "outside.txt"
+    for i, members in enumerate([[("../../outside.txt", "file", b"x")],
+                                 [("ev/link", "symlink", "../../../outside.txt"), ("ev/link", "file", b"x")],
+                                 [("ev/abs", "symlink", str(outside))],
+                                 [("ev/hard", "hardlink", "../../outside.txt")]]):
+        evil = _tar(str(tmp_path / f"evil{i}.tar"), members)
+        with pytest.raises(common.DataError) as e:
+            common._unpack(evil, str(dest))
+        assert_one_line(e.value, evil)
+        assert not os.path.lexists(outside) and sorted(os.listdir(dest)) == ["ds"], members
 
 
 # ------------------------------------------------------------------------------------------ real data

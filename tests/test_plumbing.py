@@ -1,0 +1,146 @@
+"""Run plumbing shared by the five scripts: flags, time-boxed slices, resume, RNG state, loss checks, device feeding."""
+
+import io
+import random
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def _parse(argv):
+    return common.parse_args(common.build_parser("demo", "demo"), ["--device", "cpu", *argv])
+
+
+def test_image_size_one_number_is_square_and_two_are_h_w():
+    """Catches: one number not duplicated, or H and W swapped."""
+    assert _parse(["--image-size", "224"]).image_size == (224, 224)
+    assert _parse(["--image-size", "64", "96"]).image_size == (64, 96)
+    assert _parse([]).image_size is None
+
+
+@pytest.mark.parametrize("argv", [["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--max-minutes", "0"]])
+def test_bad_size_or_budget_is_a_data_error(argv):
+    """Catches: three sizes, a zero size or a zero budget accepted silently."""
+    with pytest.raises(common.DataError, match=argv[0]):
+        _parse(argv)
+
+
+def test_time_budget_expires_after_its_minutes(monkeypatch):
+    """Catches: minutes taken as seconds, or a budget of None that expires."""
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    budget, unlimited = common.TimeBudget(0.5), common.TimeBudget(None)
+    clock[0] += 29.0
+    assert not budget.expired()
+    clock[0] += 1.0
+    assert budget.expired() and budget.elapsed() == pytest.approx(30.0)
+    clock[0] += 1e6
+    assert not unlimited.expired()
+
+
+def test_continue_command_adds_resume_once_and_quotes():
+    """Catches: --resume appended twice, or arguments with spaces left unquoted."""
+    cmd = common.continue_command("/x/stan.py", ["--train", "--out", "runs/a b", "--max-minutes", "9"])
+    assert shlex.split(cmd) == ["python", "stan.py", "--train", "--out", "runs/a b", "--max-minutes", "9", "--resume"]
+    again = common.continue_command("stan.py", ["--resume"])
+    assert shlex.split(again).count("--resume") == 1
+
+
+def test_resume_checkpoint_missing_starts_fresh_and_says_so(tmp_path, capsys):
+    """Catches: a missing checkpoint under --resume raising, or loading without --resume."""
+    path = tmp_path / "model.pt"
+    assert common.resume_checkpoint(str(path), True) is None
+    assert "starting fresh" in capsys.readouterr().out
+    common.save_checkpoint(str(path), {"epoch": 3})
+    assert common.resume_checkpoint(str(path), False) is None
+    assert common.resume_checkpoint(str(path), True)["epoch"] == 3
+
+
+def _draws(sampler, torch_gen):
+    return (torch.rand(4).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)],
+            sampler.random(3).tolist(), torch.rand(3, generator=torch_gen).tolist())
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint():
+    """Every source must be restored: leaving out any one of torch, numpy, python or a named generator in
+    set_rng_state (or saving a type weights_only refuses) fails here."""
+    sampler, torch_gen = np.random.default_rng(7), torch.Generator().manual_seed(11)
+    generators = {"sampler": sampler, "dropout": torch_gen}
+    common.seed_everything(5)
+    _draws(sampler, torch_gen)                     # move every generator off its seed
+    buffer = io.BytesIO()
+    torch.save({"rng": common.get_rng_state(generators)}, buffer)
+    expected = _draws(sampler, torch_gen)
+    _draws(sampler, torch_gen)                     # and further on
+    buffer.seek(0)
+    common.set_rng_state(torch.load(buffer, weights_only=True)["rng"], generators)
+    got = _draws(sampler, torch_gen)
+    for name, a, b in zip(("torch", "numpy", "python", "sampler", "named torch"), expected, got):
+        assert a == b, f"{name} generator not restored"
+
+
+def test_restore_training_args_copies_and_warns_on_disagreement(capsys):
+    """Catches: the command line's value kept instead of the checkpoint's, a warning for a flag left at its
+    default, or no warning when a given flag disagrees."""
+    parser = common.build_parser("demo", "demo")
+    parser.add_argument("--pixel-weight", type=float, default=None)
+    args = common.parse_args(parser, ["--device", "cpu", "--test", "--epochs", "3", "--image-size", "96"])
+    saved = {"epochs": 10, "image_size": [224, 224], "batch_size": 3, "pixel_weight": 1.0}
+    warnings = common.restore_training_args(args, parser, saved, ["epochs", "image_size", "batch_size",
+                                                                  "pixel_weight", "not_saved"])
+    assert (args.epochs, args.image_size, args.batch_size, args.pixel_weight) == (10, (224, 224), 3, 1.0)
+    assert len(warnings) == 2 and "--epochs 3" in warnings[0] and "--image-size 96 96" in warnings[1]
+    assert "--epochs 3 ignored" in capsys.readouterr().err
+    same = common.parse_args(parser, ["--device", "cpu", "--epochs", "10"])
+    assert common.restore_training_args(same, parser, saved, ["epochs"]) == []
+
+
+def test_loss_monitor_means_and_stops_on_a_nan_between_checks():
+    """Catches: a NaN in a step that is not a check step going unnoticed, or means over the wrong count."""
+    monitor = common.LossMonitor(every=4)
+    for value in (1.0, 2.0, 3.0):
+        monitor.add("step", g=torch.tensor(value), d=torch.tensor(2 * value))
+    assert monitor.means("epoch 0") == {"g": pytest.approx(2.0), "d": pytest.approx(4.0)}
+    monitor.add("step 1", g=torch.tensor(float("nan")))        # not a check step ...
+    monitor.add("step 2", g=torch.tensor(1.0))
+    monitor.add("step 3", g=torch.tensor(1.0))
+    with pytest.raises(common.TrainingError, match="non-finite g loss at or before step 4"):
+        monitor.add("step 4", g=torch.tensor(1.0))           # ... but the next check catches it
+
+
+def test_pad_batch_repeats_the_last_row_to_a_fixed_shape():
+    """Catches: zero padding, or the real-row count returned as the padded size."""
+    padded, n = common.pad_batch(np.arange(6).reshape(3, 2), 5)
+    assert n == 3 and padded.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]]
+    tpadded, tn = common.pad_batch(torch.arange(3.0), 4)
+    assert tn == 3 and tpadded.tolist() == [0.0, 1.0, 2.0, 2.0]
+    with pytest.raises(ValueError):
+        common.pad_batch(np.zeros((6, 2)), 5)
+
+
+def _check_prefetch(device):
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 255, (3, 8, 8), dtype=np.uint8) for _ in range(5)]
+    batches.append(batches[-1][:1].copy())          # a batch of another shape: a new pinned buffer
+    read_only = batches[0].copy()
+    read_only.flags.writeable = False               # e.g. a memmapped cache
+    batches.append(read_only)
+    got = [t.cpu().numpy() for t in common.prefetch_to_device(iter(batches), device, depth=2)]
+    assert len(got) == len(batches)
+    for a, b in zip(batches, got):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prefetch_to_device_yields_every_batch_in_order_on_cpu():
+    """Catches: a dropped last batch, reordering, or a failure on read-only (memmapped) arrays."""
+    _check_prefetch("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefetch_to_device_yields_every_batch_in_order_on_cuda():
+    """Catches: a pinned buffer overwritten while its copy is in flight (wrong data), or a lost batch."""
+    _check_prefetch("cuda")
