@@ -13,25 +13,39 @@ What the method does
     convolutions, tanh). A 3D-convolutional discriminator D sees the whole 11-frame sequence and outputs a
     7x7 map of "real" probabilities (sigmoid). The fake sequence is the real one with X_t replaced by
     G's output. Training on normal videos only: G is first pre-trained on the pixel loss, then G and D
-    are trained alternately with
+    are trained alternately (one D step, then one G step, on every batch) with
         L_G = -log D(S^_t) + lambda ||G(...) - X_t||^2          (lambda = 1, eq. 1-3)
         L_D = -log(1 - D(S^_t)) - log D(S_t)                    (eq. 4)
     At test time, per frame (eq. 5, 6)
         l_s(t) = ||G(...) - X_t||^2 - lambda_s log D(S_t),
-        lambda_s = (max_t of the first term / max_t of the second term) / 10,
+        lambda_s = (max of the first term / max of the second term) / 10,
         s(t) = (l_s(t) - min_t l_s) / (max_t l_s - min_t l_s) per video.
-    `--detector g|d|gd` chooses the pixel term alone, the discriminator term alone, or both (Table 2's
-    three rows; all three are evaluated and recorded in metrics.json whichever is chosen). Localization
-    (section 3.4): the pixel-loss map (G - X)^2 is the anomaly map in scores.npz, and guided
-    backpropagation of D's output to the input sequence is drawn, with the real frame, the generated
-    frame and the pixel-loss map, in PNG panels like Fig. 3 for `--num-panels` frames. Event-level
-    counts (Table 3: detected events / false alarms) are eval.py's, under "events" in metrics.json; the
-    un-normalised scores' result is under "unnormalized".
+    All three detectors of Table 2 (g: the pixel term alone, d: the discriminator term alone, gd: eq. 5)
+    are evaluated on every test run and recorded under "detectors" in metrics.json; `--detector` picks
+    the one written to scores.npz and reported at the top level. Event-level counts (Table 3: detected
+    events / false alarms) are eval.py's, under "events". Localization (section 3.4): the pixel-loss map
+    (G - X)^2 is the anomaly map in scores.npz, and guided backpropagation of D's output to the input
+    sequence is drawn, with the real frame, the generated frame and the pixel-loss map, in PNG panels like
+    Fig. 3 for the `--num-panels` frames with the highest abnormality loss.
+
+Training schedule: what the paper gives and what is ours
+    The paper gives Adam, lr 2e-4, batch 3, lambda = 1, and the order "first only the generator on the
+    pixel loss, then G and D alternately". It gives no epoch or iteration counts for either phase, no
+    stopping rule and no Adam betas. Our choices: 10 pixel-loss epochs (`--pretrain-epochs`) then 20
+    alternating epochs (`--epochs`), one epoch = one pass over every training window in a fresh random
+    order (Ped2: 2,390 windows, 796 steps of batch 3), torch's Adam betas (0.9, 0.999). What the schedule
+    implies: D starts from scratch against an already pre-trained G, and a fake sequence differs from
+    the real one in one frame of eleven, the generated one, which is smoother than a real frame. D can
+    learn that cue fast, so L_D may fall towards 0 early in the alternating phase while the realism loss
+    climbs; because the pixel term (a sum over all pixels) is much larger than the realism term, G then
+    keeps improving on the pixel loss and the discriminator term of eq. 5 carries little information
+    beyond "this frame is blurry". The longer the pre-training, the sharper G's frames when D starts and
+    the later that happens. Every epoch's mean pixel loss, realism loss, L_D and D's mean probability on
+    real and on fake sequences are printed and kept in `train_log.json` and metrics.json
+    ("train_history"), so a collapse is visible. The run's "run_protocol" string (metrics.json) calls these settings
+    "paper settings with our epoch counts" and names every other setting that is not the paper's.
 
 Deviations (from the paper, with reasons)
-    - Epoch counts and Adam betas are not given in the paper. Defaults: 10 pre-training epochs
-      (`--pretrain-epochs`) and 20 adversarial epochs (`--epochs`) on real datasets; torch's Adam
-      betas (0.9, 0.999).
     - The paper does not say what the combined ConvLSTM receives besides the pairwise-concatenated states.
       We run it for one step with ([h_fwd, h_bwd], [c_fwd, c_bwd]) as its initial state and the
       concatenated hidden state [h_fwd, h_bwd] as its input; its output hidden state is the latent
@@ -40,32 +54,61 @@ Deviations (from the paper, with reasons)
       peephole terms of Shi et al. 2015; "ELU everywhere else" is applied to all convolutions outside the
       ConvLSTMs (encoder, decoder except the last tanh layer, discriminator except the last sigmoid layer).
       Zero initial states.
-    - ||.||^2 is the squared L2 norm summed over the pixels of the frame, as written (inputs in [-1, 1]);
-      -log D(.) over the 7x7 probability map is the mean over the map (the local adversarial loss of
-      Shrivastava et al., averaged instead of summed). Losses are averaged over the batch instead of
+    - ||.||^2 is the squared L2 norm summed over the pixels of the frame, as written (inputs in [-1, 1]).
+      -log D(.) on the 7x7 probability map is summed over the map, the local adversarial loss of
+      Shrivastava et al. 2017 that the paper cites (the sum of the per-patch cross-entropies); the same
+      sum is eq. 5's discriminator term at test time (the lambda_s rule divides by its maximum, so the
+      gd and d detectors do not depend on sum versus mean). Losses are averaged over the batch instead of
       summed (only a constant factor for Adam). The sigmoid is folded into the losses (log-sigmoid /
       softplus on D's logits), which is the same function, computed stably.
-    - lambda_s: the paper's rule, taking the maxima of the two terms over all scored frames of the test
-      split (one value per dataset; it uses no labels). `--lambda-s VALUE` fixes it instead.
+    - lambda_s: the paper's rule, with both maxima taken over every window of the training split, scored
+      by the final model at the end of training and stored in model.pt (the paper does not name the
+      split; nothing may be fitted on test data). `--lambda-s-split test` takes them over the test split
+      instead (uses no labels, but is recorded as such in the protocol); `--lambda-s VALUE` fixes it.
     - The anomaly map stored in scores.npz is the pixel-loss map average-pooled by `--map-pool` (default
       4, i.e. 56x56 for 224 input) to keep scores.npz small; eval.py upsamples it. The first and last 5
       frames of each video have no full window: their frame scores are NaN (eval.py fills them from the
       nearest scored frame) and their maps copy the nearest scored frame's map.
-    - Panels: the `--num-panels` frames with the highest abnormality loss (at most one per video, chosen
-      without labels). The discriminator map is |guided-backprop gradient| of D's summed output activation
-      taken before the sigmoid (a confident D saturates the sigmoid, which would zero every gradient)
-      with respect to the middle frame of the input sequence. Through ELU, guided backprop passes only
-      positive gradients, multiplied by ELU's own derivative.
+    - Panels: the `--num-panels` frames with the highest raw abnormality loss of the chosen detector
+      (at most one per video, chosen without labels). The discriminator map is |guided-backprop gradient|
+      of D's summed output activation taken before the sigmoid (a confident D saturates the sigmoid,
+      which would zero every gradient) with respect to the middle frame of the input sequence. Through
+      ELU, guided backprop passes only positive gradients, multiplied by ELU's own derivative.
     - Synthetic data (`--dataset synthetic`, a CPU demo, not a paper setting): 64x64 input (so the
       encoder's latent is 8x8 and D's map 2x2 instead of 28x28 and 7x7), 3 pre-training + 1 adversarial
       epochs of 40 steps each, batch 3. The architecture is unchanged.
     - Real UCSD Ped2 on a 2-core CPU can only run a reduced protocol (smaller input, fewer steps); such
-      runs say so in the "protocol" string of metrics.json.
+      runs name every setting that is not the paper's in the "run_protocol" string of metrics.json.
+
+Test path (the scores are those of the per-window computation above, to float rounding)
+    Three exact rewrites avoid recomputing what neighbouring windows share; tests check each against the
+    straightforward per-window computation:
+    - D has temporal stride 1 and no temporal padding, so D run once over L consecutive frames gives the
+      outputs of all L - 10 windows in them (one pass per chunk instead of one per window);
+    - the x-part of each ConvLSTM gate convolution (conv over [x, h] = conv_x(x) + conv_h(h)) depends on
+      one frame only and is computed once per frame, the h-part per window (zero at the first step);
+    - the combined cell's input equals its hidden state, so its convolution over [h, h] is one
+      convolution with the two weight halves summed.
+    A video is scored in chunks of `--test-batch-size` windows (that many + 10 frames), the last chunk
+    padded by repeating the last frame, so every batch has one shape; chunks are copied to the device
+    through reused pinned buffers one chunk ahead (common.prefetch_to_device); results stay on the device
+    until one copy back per video. A warm-up chunk runs before the timer (cuDNN autotuning is not timed).
+    The printed frames/s covers cached frames -> scores.npz (reading the frame cache, scoring, lambda_s,
+    writing scores.npz), not model loading, warm-up or evaluation. bf16 autocast (`--amp`) stays opt-in
+    on CUDA: its effect on the metrics is not measured. channels_last is not used (not measured either).
+
+Time-boxed training
+    `--max-minutes M` stops at the next step boundary after M minutes, saves model.pt (weights, both Adam
+    states, epoch and step within it, RNG states, the epoch's loss sums) atomically, prints the command
+    that continues (the same one with `--resume`) and exits without testing. The batch order of an epoch
+    is a permutation drawn from (seed, epoch), so a resumed run sees the same batches: slices end with
+    the same weights as one uninterrupted run (bit for bit on the CPU).
 
 Usage
     python stan.py --dataset synthetic                       # CPU demo, trains + tests in < 3 minutes
     python stan.py --dataset ped2 --data-root ../shared/data --train --test
-    python stan.py --dataset ped2 --test --detector d        # Table 2, discriminator-only row
+    python stan.py --dataset ped2 --train --max-minutes 10   # a training slice; repeat with --resume
+    python stan.py --dataset ped2 --test --detector d        # report the discriminator-only row on top
     python stan.py --dataset ped2 --test --num-panels 8      # Fig. 3-like localization panels
     python eval.py runs/stan/ped2                            # metrics table from scores.npz
     OMP_NUM_THREADS=1 python stan.py ...                     # often faster on a CPU shared with other jobs
@@ -102,6 +145,7 @@ class ConvLSTMCell(nn.Module):
 
     def __init__(self, in_channels, hidden_channels, kernel_size=3):
         super().__init__()
+        self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.gates = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size,
                                padding=kernel_size // 2)
@@ -110,12 +154,34 @@ class ConvLSTMCell(nn.Module):
         shape = (x.shape[0], self.hidden_channels, x.shape[2], x.shape[3])
         return x.new_zeros(shape), x.new_zeros(shape)
 
-    def forward(self, x, state):
-        h, c = state
-        input_gate, forget_gate, output_gate, candidate = self.gates(torch.cat([x, h], 1)).chunk(4, 1)
+    def update(self, gates, c):
+        """The LSTM update from the gate pre-activations (input, forget, output, candidate) and the old cell."""
+        input_gate, forget_gate, output_gate, candidate = gates.chunk(4, 1)
         c = torch.sigmoid(forget_gate) * c + torch.sigmoid(input_gate) * torch.tanh(candidate)
         h = torch.sigmoid(output_gate) * torch.tanh(c)
         return h, c
+
+    def forward(self, x, state):
+        h, c = state
+        return self.update(self.gates(torch.cat([x, h], 1)), c)
+
+    # Exact rewrites of forward() used by the test path. The gate convolution is linear in its input, so
+    # conv([x, h], W) + b = conv(x, W_x) + b + conv(h, W_h) with W split along its input channels.
+    def input_part(self, x):
+        """conv(x, W_x) + b: the part of the gates that depends on the input frame only."""
+        weight = self.gates.weight[:, :self.in_channels].contiguous()
+        return F.conv2d(x, weight, self.gates.bias, padding=self.gates.padding)
+
+    def recurrent_part(self, h):
+        """conv(h, W_h): the part of the gates that depends on the hidden state."""
+        weight = self.gates.weight[:, self.in_channels:].contiguous()
+        return F.conv2d(h, weight, None, padding=self.gates.padding)
+
+    def forward_same_input(self, h, c):
+        """forward(h, (h, c)): with the input equal to the hidden state, conv([h, h], [W_x, W_h]) is one
+        convolution of h with W_x + W_h."""
+        weight = self.gates.weight[:, :self.in_channels] + self.gates.weight[:, self.in_channels:]
+        return self.update(F.conv2d(h, weight, self.gates.bias, padding=self.gates.padding), c)
 
 
 class Generator(nn.Module):
@@ -162,6 +228,29 @@ class Generator(nn.Module):
         latent, _ = self.combined_cell(hidden, (hidden, cell))
         return latent
 
+    def temporal_consecutive(self, features):
+        """Exact rewrite of temporal() for every window of a run of consecutive frames.
+        features: (L, C, h, w) of L consecutive frames -> (L - 10, 128, h, w), row i = the window of
+        frames i .. i+10. Each frame's x-part is computed once and shared by the windows that read it:
+        window i's forward step s reads frame i + s, its backward step s frame i + 10 - s, so each step
+        is a contiguous slice of the per-frame x-parts. The first step starts from zero state, whose
+        h-part is zero."""
+        num_windows = features.shape[0] - 2 * NEIGHBOURS
+        states = []
+        for cell, frame_at_step in ((self.forward_cell, lambda s: s),
+                                    (self.backward_cell, lambda s: SEQUENCE_LENGTH - 1 - s)):
+            x_parts = cell.input_part(features)                         # once per frame
+            first = x_parts[frame_at_step(0):frame_at_step(0) + num_windows]
+            h, c = cell.update(first, torch.zeros_like(first[:, :cell.hidden_channels]))
+            for step in range(1, NEIGHBOURS):
+                start = frame_at_step(step)
+                h, c = cell.update(x_parts[start:start + num_windows] + cell.recurrent_part(h), c)
+            states.append((h, c))
+        hidden = torch.cat([states[0][0], states[1][0]], 1)
+        cell_state = torch.cat([states[0][1], states[1][1]], 1)
+        latent, _ = self.combined_cell.forward_same_input(hidden, cell_state)
+        return latent
+
     def decode(self, latent):
         x = latent
         for deconv in self.decoder[:-1]:
@@ -206,11 +295,13 @@ class Discriminator(nn.Module):
         self.output = nn.Conv3d(512, 1, (1, 3, 3), stride=1, padding=(0, 1, 1))
 
     def forward(self, sequence, guided=False):
-        """sequence: (B, 11, H, W) in [-1, 1] -> logits (B, H/32, W/32); D(S) = sigmoid(logits)."""
+        """sequence: (B, L, H, W) in [-1, 1], L >= 11 -> logits (B, L - 10, H/32, W/32); D(S) = sigmoid.
+        An 11-frame window gives one map; with temporal stride 1 and no temporal padding, L consecutive
+        frames give the maps of all L - 10 windows in them (entry i = the window of frames i .. i+10)."""
         x = sequence.unsqueeze(1)
         for conv in self.convs:
             x = _GuidedELU.apply(conv(x)) if guided else F.elu(conv(x))
-        return self.output(x)[:, 0, 0]
+        return self.output(x)[:, 0]
 
 
 def replace_middle(window, generated):
@@ -228,18 +319,21 @@ def pixel_loss(generated, target):
 
 
 def neg_log_d(logits):
-    """-log D(S) per sample, averaged over D's probability map. -> (B,)"""
-    return F.softplus(-logits).flatten(1).mean(1)
+    """-log D(S) per sample, summed over D's probability map (local adversarial loss). -> (B,)"""
+    return F.softplus(-logits).flatten(1).sum(1)
 
 
 def neg_log_one_minus_d(logits):
-    """-log(1 - D(S)) per sample, averaged over D's probability map. -> (B,)"""
-    return F.softplus(logits).flatten(1).mean(1)
+    """-log(1 - D(S)) per sample, summed over D's probability map. -> (B,)"""
+    return F.softplus(logits).flatten(1).sum(1)
 
 
 def generator_loss(fake_logits, generated, target, lambda_pixel):
-    """L_G (eq. 3): realism loss -log D(S^) + lambda * pixel loss, averaged over the batch."""
-    return (neg_log_d(fake_logits) + lambda_pixel * pixel_loss(generated, target)).mean()
+    """L_G (eq. 3) averaged over the batch: realism loss -log D(S^) + lambda * pixel loss.
+    Returns (L_G, realism term, pixel term), each a batch mean."""
+    realism = neg_log_d(fake_logits).mean()
+    pixel = pixel_loss(generated, target).mean()
+    return realism + lambda_pixel * pixel, realism, pixel
 
 
 def discriminator_loss(real_logits, fake_logits):
@@ -247,16 +341,15 @@ def discriminator_loss(real_logits, fake_logits):
     return (neg_log_one_minus_d(fake_logits) + neg_log_d(real_logits)).mean()
 
 
-def lambda_s_rule(pixel_terms, disc_terms, divisor=10.0):
-    """lambda_s = (max of ||G - X||^2 / max of -log D(S)) / divisor (section 3.2), NaNs ignored.
-    Accepts arrays or lists of per-video arrays."""
-    pixel_max = max(float(np.nanmax(p)) for p in _as_list(pixel_terms))
-    disc_max = max(float(np.nanmax(d)) for d in _as_list(disc_terms))
-    return pixel_max / max(disc_max, 1e-12) / divisor
+def lambda_s_rule(pixel_max, disc_max, divisor=10.0):
+    """lambda_s = (max of ||G - X||^2 / max of -log D(S)) / divisor (section 3.2)."""
+    return float(pixel_max) / max(float(disc_max), 1e-12) / divisor
 
 
-def _as_list(values):
-    return list(values) if isinstance(values, (list, tuple)) else [np.asarray(values)]
+def term_maxima(pixel_terms, disc_terms):
+    """The two maxima of the lambda_s rule over per-video arrays of terms (NaN frames ignored)."""
+    return {"pixel": max(float(np.nanmax(p)) for p in pixel_terms if np.isfinite(p).any()),
+            "disc": max(float(np.nanmax(d)) for d in disc_terms if np.isfinite(d).any())}
 
 
 def abnormality_loss(pixel_term, disc_term, lambda_s):
@@ -274,8 +367,8 @@ def detector_scores(pixel_term, disc_term, detector, lambda_s):
 
 
 def minmax_per_video(scores):
-    """Eq. 6: s(t) = (l_s(t) - min l_s) / (max l_s - min l_s), NaNs left as NaN (eval.py does the same
-    with normalize="video_minmax"; used here only to pick panel frames)."""
+    """Eq. 6: s(t) = (l_s(t) - min l_s) / (max l_s - min l_s), NaNs left as NaN (eval.py applies it with
+    normalize="video_minmax")."""
     scores = np.asarray(scores, dtype=np.float64)
     low, high = np.nanmin(scores), np.nanmax(scores)
     return (scores - low) / max(high - low, 1e-12)
@@ -303,186 +396,320 @@ def stack_training_frames(frames_by_video):
     return np.concatenate(arrays), np.concatenate(windows)
 
 
+class TrainingWindows:
+    """Batches of 11-frame training windows gathered by index. The whole uint8 training split is held on
+    the device when it takes at most a quarter of the free device memory (no loader, no per-step copy of
+    frames); otherwise it stays in host memory and each batch is gathered there and copied (pinned,
+    non_blocking on CUDA)."""
+
+    def __init__(self, frames, windows, device):
+        self.device = torch.device(device)
+        self.num_windows = len(windows)
+        on_device = True
+        if self.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            on_device = frames.nbytes <= free_bytes // 4
+        self.store = self.device if on_device else torch.device("cpu")
+        self.frames = common.to_device(frames, self.store)
+        self.windows = common.to_device(windows, self.store)
+
+    def epoch_order(self, seed, epoch):
+        """A fresh permutation per epoch, a pure function of (seed, epoch): --resume needs no sampler state."""
+        return common.to_device(np.random.default_rng([seed, epoch]).permutation(self.num_windows), self.store)
+
+    def batch(self, order, step, batch_size):
+        """(B, 11, H, W) windows in [-1, 1] on the training device."""
+        frames = self.frames[self.windows[order[step * batch_size:(step + 1) * batch_size]]]
+        if self.store != self.device:                   # held in host memory: copy the batch over
+            frames = common.to_device(frames, self.device)
+        return to_unit_range(frames)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
 
-def autocast(args):
+def autocast(device, amp):
     """bf16 autocast only on CUDA with --amp (a no-op context otherwise)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(args.amp) and args.device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(amp) and torch.device(device).type == "cuda")
 
 
-def train(args, ds, generator, discriminator):
-    frames_by_video = common.load_split_frames(ds, "train", (args.image_size, args.image_size),
-                                               cache_dir=args.cache_dir)
+def pretrain_step(generator, opt_g, window, amp=False):
+    """One generator step on the pixel loss alone (the pre-training phase). Returns the losses (tensors)."""
+    with autocast(window.device, amp):
+        generated = generator(window)
+    pixel = pixel_loss(generated.float(), window[:, MIDDLE]).mean()
+    opt_g.zero_grad(set_to_none=True)
+    pixel.backward()
+    opt_g.step()
+    return {"pixel": pixel.detach()}
+
+
+def adversarial_step(generator, discriminator, opt_g, opt_d, window, lambda_pixel, amp=False):
+    """One alternating step on a batch: D minimises L_D (eq. 4) on the real and the fake sequence, then G
+    minimises L_G (eq. 3) against the updated D. G is run once; the fake enters D's step detached (no
+    gradient into G) and G's step undetached (the realism gradient flows through D into G). Returns the
+    losses and D's mean probabilities on real and fake sequences (tensors, no host sync)."""
+    target = window[:, MIDDLE]
+    with autocast(window.device, amp):
+        generated = generator(window).float()
+    fake = replace_middle(window, generated)
+    # D step: real and fake sequences in one call (D has no batch statistics, so this equals two calls).
+    with autocast(window.device, amp):
+        logits = discriminator(torch.cat([window, fake.detach()])).float()
+    real_logits, fake_logits = logits.chunk(2)
+    d_loss = discriminator_loss(real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    # G step. D's weights need no gradient here (opt_d clears it anyway): skipping it saves work.
+    discriminator.requires_grad_(False)
+    with autocast(window.device, amp):
+        fake_logits_for_g = discriminator(fake).float()
+    g_loss, realism, pixel = generator_loss(fake_logits_for_g, generated, target, lambda_pixel)
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    discriminator.requires_grad_(True)
+    return {"pixel": pixel.detach(), "realism": realism.detach(), "d": d_loss.detach(),
+            "d_real": torch.sigmoid(real_logits.detach()).mean(), "d_fake": torch.sigmoid(fake_logits.detach()).mean()}
+
+
+TRAINING_KEYS = ("image_size", "pretrain_epochs", "epochs", "steps_per_epoch", "batch_size", "lr", "lambda_pixel")
+
+
+def train(args, ds, generator, discriminator, argv):
+    """Pixel-loss pre-training then alternating G/D epochs, resumable at any step. Returns the total
+    training time in seconds, or None when the --max-minutes budget stopped this slice."""
+    frames_by_video = common.load_split_frames(ds, "train", args.image_size, cache_dir=args.cache_dir)
     train_frames, train_windows = stack_training_frames(frames_by_video)
-    # The whole (uint8) training set lives on the device: batches are gathered by indexing, no loader.
-    frames_device = torch.from_numpy(train_frames).to(args.device)
-    windows_device = torch.from_numpy(train_windows).to(args.device)
+    data = TrainingWindows(train_frames, train_windows, args.device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr)
     total_epochs = args.pretrain_epochs + args.epochs
-    start_epoch, previous_time_s, started_all = 0, 0.0, time.time()
+    steps_per_epoch = len(train_windows) // args.batch_size
+    if args.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
     checkpoint_path = os.path.join(args.out, "model.pt")
-    if args.resume:
-        state = common.load_checkpoint(checkpoint_path)
+    monitor = common.LossMonitor(every=50)
+    epoch, step, history, previous_time_s, maxima = 0, 0, [], 0.0, None
+    state = common.resume_checkpoint(checkpoint_path, args.resume)
+    if state is not None:
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        start_epoch = int(state["epoch"])
+        epoch, step = int(state["epoch"]), int(state.get("step", 0))
+        history = list(state.get("history", []))
         previous_time_s = float(state.get("train_time_s") or 0.0)
-        print(f"resumed from {checkpoint_path} after epoch {start_epoch}/{total_epochs}")
-    steps_per_epoch = len(train_windows) // args.batch_size
-    if args.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
-    print(f"training on {len(train_windows)} windows of {SEQUENCE_LENGTH} frames at {args.image_size}x"
-          f"{args.image_size}: {args.pretrain_epochs} pixel-loss epochs + {args.epochs} adversarial epochs, "
-          f"{steps_per_epoch} steps of batch {args.batch_size} each")
+        maxima = state.get("lambda_s_maxima")
+        monitor.sums = dict(state.get("loss_sums", {}))
+        monitor.count = int(state.get("loss_count", 0))
+        if "rng" in state:
+            common.set_rng_state(state["rng"])
+        for key in TRAINING_KEYS:
+            saved = state["args"].get(key)
+            saved = tuple(saved) if isinstance(saved, list) else saved
+            if saved is not None and saved != getattr(args, key):
+                print(f"warning: --resume with {key} = {getattr(args, key)}, the checkpoint was trained with "
+                      f"{saved}: the result will differ from one uninterrupted run", file=sys.stderr)
+        print(f"resumed from {checkpoint_path} at epoch {epoch + 1}/{total_epochs} step {step}" if epoch < total_epochs
+              else f"resumed from {checkpoint_path}: all {total_epochs} epochs already done")
+    if epoch < total_epochs:
+        maxima = None                  # more training to do (e.g. --epochs raised): the maxima are redone at the end
+    budget = common.TimeBudget(args.max_minutes)
+    height, width = args.image_size
+
+    def save():
+        common.save_checkpoint(checkpoint_path, {
+            "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "epoch": epoch, "step": step, "rng": common.get_rng_state(),
+            "loss_sums": monitor.check(f"epoch {epoch + 1} step {step}"), "loss_count": monitor.count,
+            "history": history, "args": common.args_to_dict(args), "lambda_s_maxima": maxima,
+            "train_time_s": previous_time_s + budget.elapsed()})
+
+    def report_stop():
+        common.report_time_stop(__file__, argv, checkpoint_path, f"epoch {epoch + 1}/{total_epochs} step {step}/"
+                                f"{steps_per_epoch}", budget)
+
+    print(f"training on {len(train_windows)} windows of {SEQUENCE_LENGTH} frames at {height}x{width}: "
+          f"{args.pretrain_epochs} pixel-loss epochs + {args.epochs} adversarial epochs, {steps_per_epoch} steps "
+          f"of batch {args.batch_size} each (training frames held on {data.store})")
     generator.train()
     discriminator.train()
-    for epoch in range(start_epoch, total_epochs):
+    while epoch < total_epochs:
         adversarial = epoch >= args.pretrain_epochs
         phase = "adversarial" if adversarial else "pretrain"
-        # A fresh permutation per epoch, reproducible from (seed, epoch) so --resume sees the same order.
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train_windows))
-        sums = {"pixel": 0.0, "realism": 0.0, "d": 0.0}
+        order = data.epoch_order(args.seed, epoch)
         started = time.time()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{total_epochs} {phase}", leave=False)
-        for step in bar:
-            batch_ids = torch.from_numpy(order[step * args.batch_size:(step + 1) * args.batch_size]).to(args.device)
-            window = to_unit_range(frames_device[windows_device[batch_ids]])        # (B, 11, H, W)
-            target = window[:, MIDDLE]
-            if not adversarial:
-                with autocast(args):
-                    generated = generator(window)
-                    pixel = pixel_loss(generated.float(), target).mean()
-                common.check_finite(pixel, f"epoch {epoch + 1} step {step} (pixel loss)")
-                opt_g.zero_grad(set_to_none=True)
-                pixel.backward()
-                opt_g.step()
-                sums["pixel"] += pixel.item()
-                bar.set_postfix(pixel=f"{pixel.item():.2f}")
-                continue
-            # Discriminator step on (real, fake) with the generator frozen (fake detached).
-            with autocast(args):
-                generated = generator(window)
-                fake = replace_middle(window, generated.float())
-                d_loss = discriminator_loss(discriminator(window).float(), discriminator(fake.detach()).float())
-            common.check_finite(d_loss, f"epoch {epoch + 1} step {step} (L_D)")
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            # Generator step: fool the (just updated) discriminator while staying close in pixels.
-            with autocast(args):
-                fake_logits = discriminator(fake).float()
-                realism = neg_log_d(fake_logits).mean()
-                pixel = pixel_loss(generated.float(), target).mean()
-                g_loss = realism + args.lambda_pixel * pixel
-            common.check_finite(g_loss, f"epoch {epoch + 1} step {step} (L_G)")
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-            sums["pixel"] += pixel.item()
-            sums["realism"] += realism.item()
-            sums["d"] += d_loss.item()
-            bar.set_postfix(pixel=f"{pixel.item():.2f}", realism=f"{realism.item():.3f}", d=f"{d_loss.item():.3f}")
+        bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{total_epochs} {phase}", leave=False)
+        while step < steps_per_epoch:
+            window = data.batch(order, step, args.batch_size)
+            if adversarial:
+                losses = adversarial_step(generator, discriminator, opt_g, opt_d, window, args.lambda_pixel, args.amp)
+            else:
+                losses = pretrain_step(generator, opt_g, window, args.amp)
+            step += 1
+            monitor.add(f"epoch {epoch + 1} step {step}", **losses)
+            bar.update(1)
+            if step < steps_per_epoch and budget.expired():
+                bar.close()
+                save()
+                report_stop()
+                return None
         bar.close()
-        means = {k: v / max(steps_per_epoch, 1) for k, v in sums.items()}
+        means = monitor.means(f"epoch {epoch + 1}")          # one host sync per epoch (and every 50 steps)
+        history.append({"epoch": epoch + 1, "phase": phase, **means, "seconds": time.time() - started})
         summary = f"epoch {epoch + 1}/{total_epochs} [{phase}] pixel {means['pixel']:.3f}"
         if adversarial:
-            summary += f" realism {means['realism']:.4f} L_D {means['d']:.4f}"
+            summary += (f" realism {means['realism']:.4f} L_D {means['d']:.4f} D(real) {means['d_real']:.3f} "
+                        f"D(fake) {means['d_fake']:.3f}")
         print(f"{summary} ({time.time() - started:.1f}s)")
-        common.save_checkpoint(checkpoint_path, {
-            "generator": generator.state_dict(),
-            "discriminator": discriminator.state_dict(),
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "epoch": epoch + 1,
-            "args": common.args_to_dict(args),
-            "train_time_s": previous_time_s + time.time() - started_all,
-        })
-    return previous_time_s + time.time() - started_all
+        epoch, step = epoch + 1, 0
+        save()
+        common.write_json(os.path.join(args.out, "train_log.json"), history)
+        if epoch < total_epochs and budget.expired():
+            report_stop()                                    # the checkpoint of this epoch is on disk
+            return None
+    if maxima is None:
+        # lambda_s (eq. 5) from the training windows, scored by the final model; the test reads it from model.pt.
+        generator.eval()
+        discriminator.eval()
+        pixel_terms, disc_terms, _ = score_videos(generator, discriminator, frames_by_video, args.test_batch_size,
+                                                  args.map_pool, args.device, args.amp)
+        maxima = {**term_maxima(pixel_terms.values(), disc_terms.values()), "split": "train"}
+        print(f"lambda_s maxima over the {len(train_windows)} training windows: pixel term {maxima['pixel']:.4g}, "
+              f"discriminator term {maxima['disc']:.4g}")
+        save()
+    return previous_time_s + budget.elapsed()
 
 
 # --------------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------------
 
+def score_chunk(generator, discriminator, frames, map_pool=4, amp=False):
+    """Score every window of a run of L >= 11 consecutive frames, (L, H, W) uint8 on the device, with the
+    exact rewrites: each frame is encoded once, its ConvLSTM x-parts computed once, and D runs once over
+    the L frames. Returns, for the L - 10 windows centred at frames 5 .. L-6: pixel terms (n,), D terms
+    -log D(S_t) (n,) and pooled pixel-loss maps (n, H/map_pool, W/map_pool), all float32 on the device."""
+    sequence = to_unit_range(frames)
+    with autocast(frames.device, amp):
+        generated = generator.decode(generator.temporal_consecutive(generator.encode(sequence))).float()
+        logits = discriminator(sequence.unsqueeze(0))[0].float()
+    error = (generated - sequence[NEIGHBOURS:sequence.shape[0] - NEIGHBOURS]).pow(2)
+    return error.flatten(1).sum(1), neg_log_d(logits), F.avg_pool2d(error.unsqueeze(1), map_pool)[:, 0]
+
+
+def chunk_plan(frames_by_video, batch_size):
+    """(video, first window, real windows) of every fixed-size chunk: batch_size windows = batch_size + 10
+    frames; a video's last chunk is padded (see host_chunks)."""
+    plan = []
+    for name, frames in frames_by_video.items():
+        num_windows = frames.shape[0] - 2 * NEIGHBOURS
+        for start in range(0, max(num_windows, 0), batch_size):
+            plan.append((name, start, min(batch_size, num_windows - start)))
+    return plan
+
+
+def host_chunks(frames_by_video, plan, batch_size):
+    """The uint8 frames of each planned chunk, padded to batch_size + 10 frames by repeating the last one."""
+    for name, start, real in plan:
+        chunk = np.array(frames_by_video[name][start:start + real + 2 * NEIGHBOURS])   # read from the cache
+        yield common.pad_batch(chunk, batch_size + 2 * NEIGHBOURS)[0]
+
+
 @torch.inference_mode()
-def score_video(generator, discriminator, frames, batch_size=64, map_pool=4, amp=False):
-    """Score one video. frames: (T, H, W) uint8 tensor on the model's device.
-    Returns per-frame pixel terms ||G - X_t||^2 and discriminator terms -log D(S_t) (float64 (T,), NaN
-    where no full window exists) and the pixel-loss maps (T, H/map_pool, W/map_pool) float32 (frames
-    without a window copy the nearest scored frame's map)."""
-    num_frames = frames.shape[0]
-    pixel_terms = np.full(num_frames, np.nan)
-    disc_terms = np.full(num_frames, np.nan)
-    height, width = frames.shape[1] // map_pool, frames.shape[2] // map_pool
-    maps = torch.zeros((num_frames, height, width), device=frames.device)
-    if num_frames < SEQUENCE_LENGTH:
-        return pixel_terms, disc_terms, maps.cpu().numpy()
-    windows = torch.from_numpy(common.window_indices(num_frames, NEIGHBOURS, NEIGHBOURS)).to(frames.device)
-    with torch.autocast(frames.device.type, dtype=torch.bfloat16, enabled=amp and frames.device.type == "cuda"):
-        # The encoder sees one frame at a time, so each frame is encoded once and shared by the windows.
-        features = torch.cat([generator.encode(to_unit_range(frames[i:i + 4 * batch_size]))
-                              for i in range(0, num_frames, 4 * batch_size)])
-        pixel_out, disc_out = [], []
-        for start in range(0, len(windows), batch_size):
-            rows = windows[start:start + batch_size]
-            generated = generator.decode(generator.temporal(features[rows[:, FORWARD_POSITIONS]],
-                                                            features[rows[:, BACKWARD_POSITIONS]])).float()
-            sequence = to_unit_range(frames[rows])
-            error = (generated - sequence[:, MIDDLE]).pow(2)
-            pixel_out.append(error.flatten(1).sum(1))
-            disc_out.append(neg_log_d(discriminator(sequence).float()))
-            maps[rows[:, MIDDLE]] = F.avg_pool2d(error.unsqueeze(1), map_pool)[:, 0]
-    scored = slice(NEIGHBOURS, num_frames - NEIGHBOURS)
-    pixel_terms[scored] = torch.cat(pixel_out).double().cpu().numpy()
-    disc_terms[scored] = torch.cat(disc_out).double().cpu().numpy()
-    maps[:NEIGHBOURS] = maps[NEIGHBOURS]
-    maps[num_frames - NEIGHBOURS:] = maps[num_frames - NEIGHBOURS - 1]
-    return pixel_terms, disc_terms, maps.cpu().numpy()
+def score_videos(generator, discriminator, frames_by_video, batch_size, map_pool, device, amp=False):
+    """Score whole videos: {name: (T, H, W) uint8 array}. Returns three dicts by video: pixel terms
+    ||G - X_t||^2 and discriminator terms -log D(S_t) (float64 (T,), NaN where no full window exists) and
+    the pooled pixel-loss maps (T, H/map_pool, W/map_pool) float32 (frames without a window copy the
+    nearest scored frame's map). Fixed-shape chunks are prefetched to the device; results leave it once
+    per video."""
+    pixel_terms, disc_terms, maps = {}, {}, {}
+    for name, frames in frames_by_video.items():
+        height, width = frames.shape[1] // map_pool, frames.shape[2] // map_pool
+        pixel_terms[name] = np.full(frames.shape[0], np.nan)
+        disc_terms[name] = np.full(frames.shape[0], np.nan)
+        maps[name] = np.zeros((frames.shape[0], height, width), np.float32)
+    plan = chunk_plan(frames_by_video, batch_size)
+    pending = []                                     # device results of the current video's chunks
+
+    def finish(name):
+        num_frames = frames_by_video[name].shape[0]
+        pixel = torch.cat([p for p, _, _ in pending])
+        disc = torch.cat([d for _, d, _ in pending])
+        video_maps = torch.cat([m for _, _, m in pending])
+        # One copy back (one host sync) per video: the three results travel in one flat tensor.
+        flat = torch.cat([pixel, disc, video_maps.flatten()]).cpu().numpy()
+        n = pixel.shape[0]
+        scored = slice(NEIGHBOURS, num_frames - NEIGHBOURS)
+        pixel_terms[name][scored] = flat[:n]
+        disc_terms[name][scored] = flat[n:2 * n]
+        maps[name][scored] = flat[2 * n:].reshape(video_maps.shape)
+        maps[name][:NEIGHBOURS] = maps[name][NEIGHBOURS]
+        maps[name][num_frames - NEIGHBOURS:] = maps[name][num_frames - NEIGHBOURS - 1]
+        pending.clear()
+
+    chunks = common.prefetch_to_device(host_chunks(frames_by_video, plan, batch_size), device)
+    for index, ((name, start, real), chunk) in enumerate(zip(plan, chunks)):
+        pixel, disc, chunk_maps = score_chunk(generator, discriminator, chunk, map_pool, amp)
+        pending.append((pixel[:real], disc[:real], chunk_maps[:real]))
+        if index + 1 == len(plan) or plan[index + 1][0] != name:
+            finish(name)
+    return pixel_terms, disc_terms, maps
+
+
+def warm_up(generator, discriminator, batch_size, image_size, map_pool, device, amp=False):
+    """One chunk of the test shape through the test path, so cuDNN autotuning happens before the timer."""
+    frames = torch.zeros((batch_size + 2 * NEIGHBOURS, *image_size), dtype=torch.uint8, device=device)
+    with torch.inference_mode():
+        score_chunk(generator, discriminator, frames, map_pool, amp)
+    common.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------------
 # Localization (section 3.4, Fig. 3)
 # --------------------------------------------------------------------------------------------------
 
-def guided_backprop_map(discriminator, sequence):
-    """|d sum(output activation) / d X_t| with guided backpropagation through D's ELUs, where the output
+def guided_backprop(discriminator, sequence):
+    """d sum(output activation) / d X_t with guided backpropagation through D's ELUs, where the output
     activation is D's last layer before the sigmoid (the sigmoid saturates for confident sequences and
-    would zero every gradient). sequence: (11, H, W) in [-1, 1] -> (H, W)."""
+    would zero every gradient). sequence: (11, H, W) in [-1, 1] -> signed gradient (H, W); Fig. 3(d)
+    draws its magnitude."""
     inputs = sequence.detach().unsqueeze(0).clone().requires_grad_(True)
     with torch.enable_grad():
         logits = discriminator(inputs, guided=True)
         (gradient,) = torch.autograd.grad(logits.sum(), inputs)
-    return gradient[0, MIDDLE].abs()
+    return gradient[0, MIDDLE]
+
+
+def panel_frames(frame_scores, num_panels):
+    """The frames to draw: per video its highest raw abnormality loss, the videos with the highest such
+    loss first (ties by name). Raw, not min-max normalised: eq. 6 maps every video's maximum to 1."""
+    candidates = [(float(np.nanmax(scores)), name, int(np.nanargmax(scores)))
+                  for name, scores in frame_scores.items() if np.isfinite(scores).any()]
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    return [(name, t) for _, name, t in candidates[:num_panels]]
 
 
 def write_panels(out_dir, generator, discriminator, test_frames, frame_scores, num_panels, device):
-    """Fig. 3-like PNGs (real, generated, generator map, discriminator map) for the highest-scoring
-    frames, at most one per video (chosen from the scores, never from labels)."""
+    """Fig. 3-like PNGs (real, generated, generator map, discriminator map) for the panel_frames()."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    candidates = []
-    for name, scores in frame_scores.items():
-        if np.isfinite(scores).any():
-            normalised = minmax_per_video(scores)
-            candidates.append((float(np.nanmax(normalised)), name, int(np.nanargmax(scores))))
-    candidates.sort(key=lambda c: (-c[0], c[1]))
     panel_dir = os.path.join(out_dir, "panels")
     os.makedirs(panel_dir, exist_ok=True)
     written = []
-    for _, name, t in candidates[:num_panels]:
-        frames = torch.from_numpy(np.array(test_frames[name][t - NEIGHBOURS:t + NEIGHBOURS + 1])).to(device)
+    for name, t in panel_frames(frame_scores, num_panels):
+        frames = common.to_device(np.array(test_frames[name][t - NEIGHBOURS:t + NEIGHBOURS + 1]), device)
         sequence = to_unit_range(frames)
         with torch.inference_mode():
             generated = generator(sequence.unsqueeze(0))[0]
         pixel_map = (generated - sequence[MIDDLE]).pow(2)
-        disc_map = guided_backprop_map(discriminator, sequence)
+        disc_map = guided_backprop(discriminator, sequence).abs()
         images = [sequence[MIDDLE], generated, pixel_map, disc_map]
         titles = ["(a) real frame", "(b) generated frame", "(c) generator: pixel loss",
                   "(d) discriminator: guided backprop"]
@@ -501,52 +728,59 @@ def write_panels(out_dir, generator, discriminator, test_frames, frame_scores, n
     return written
 
 
-def test(args, ds, generator, discriminator, train_time_s):
+def test(args, ds, generator, discriminator, state):
+    """Score the test split, write scores.npz (+ panels) and metrics.json with Table 2's three rows."""
     generator.eval()
     discriminator.eval()
-    size = (args.image_size, args.image_size)
-    # Decoding/resizing is cached by common; the throughput below is measured from cached frames.
-    test_frames = common.load_split_frames(ds, "test", size, cache_dir=args.cache_dir)
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
+    # Decoding/resizing is cached by common; the timed region starts from the cached frames.
+    test_frames = common.load_split_frames(ds, "test", args.image_size, cache_dir=args.cache_dir)
+    warm_up(generator, discriminator, args.test_batch_size, args.image_size, args.map_pool, args.device, args.amp)
     started = time.time()
-    pixel_terms, disc_terms, maps = {}, {}, {}
-    for name, frames in tqdm(test_frames.items(), desc="test videos", leave=False):
-        frames_device = torch.from_numpy(np.array(frames))
-        if args.device.type == "cuda":
-            frames_device = frames_device.pin_memory().to(args.device, non_blocking=True)
-        pixel_terms[name], disc_terms[name], video_maps = score_video(
-            generator, discriminator, frames_device, args.test_batch_size, args.map_pool, args.amp)
-        maps[name] = video_maps.astype(np.float16)
+    pixel_terms, disc_terms, maps = score_videos(generator, discriminator, test_frames, args.test_batch_size,
+                                                 args.map_pool, args.device, args.amp)
     names = list(pixel_terms)
-    lambda_s = args.lambda_s if args.lambda_s is not None else lambda_s_rule(
-        [pixel_terms[n] for n in names], [disc_terms[n] for n in names], args.lambda_s_divisor)
+    if args.lambda_s is not None:
+        maxima, lambda_s = None, args.lambda_s
+    elif args.lambda_s_split == "test":
+        maxima = {**term_maxima(pixel_terms.values(), disc_terms.values()), "split": "test"}
+        lambda_s = lambda_s_rule(maxima["pixel"], maxima["disc"], args.lambda_s_divisor)
+    else:
+        maxima = state.get("lambda_s_maxima")
+        if not maxima:
+            raise common.DataError(f"{os.path.join(args.out, 'model.pt')}: no training-split maxima for lambda_s "
+                                   f"(written at the end of training; expected a finished --train run), or pass "
+                                   f"--lambda-s VALUE or --lambda-s-split test")
+        lambda_s = lambda_s_rule(maxima["pixel"], maxima["disc"], args.lambda_s_divisor)
     scores_by_detector = {det: {n: detector_scores(pixel_terms[n], disc_terms[n], det, lambda_s).astype(np.float32)
                                 for n in names} for det in ("g", "d", "gd")}
     frame_scores = scores_by_detector[args.detector]
+    maps16 = {n: m.astype(np.float16) for n, m in maps.items()}
     meta = {"method": "stan", "dataset": ds.name, "detector": args.detector, "lambda_s": lambda_s,
-            "protocol": {"normalize": args.normalize, "smooth": args.smooth}, "args": common.args_to_dict(args)}
+            "lambda_s_maxima": maxima, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
+            "run_protocol": args.protocol, "args": common.args_to_dict(args)}
     scores_path = os.path.join(args.out, "scores.npz")
-    common.write_scores(scores_path, frame_scores, maps, meta)
+    common.write_scores(scores_path, frame_scores, maps16, meta)
     elapsed = time.time() - started
     num_frames = sum(len(s) for s in frame_scores.values())
     test_fps = num_frames / max(elapsed, 1e-9)
-    print(f"test: {num_frames} frames in {elapsed:.1f}s = {test_fps:.1f} frames/s (cached frames -> scores.npz, "
-          f"{args.device}); lambda_s = {lambda_s:.4g}; wrote {scores_path}")
+    print(f"test: {num_frames} frames in {elapsed:.2f}s = {test_fps:.1f} frames/s ({args.device}, cached frames -> "
+          f"scores.npz, batch {args.test_batch_size} windows; excludes model load and warm-up); lambda_s = "
+          f"{lambda_s:.4g} ({'fixed' if maxima is None else maxima['split'] + '-split maxima'}); wrote {scores_path}")
 
     if args.num_panels:
         panels = write_panels(args.out, generator, discriminator, test_frames, frame_scores, args.num_panels,
                               args.device)
         print(f"wrote {len(panels)} localization panels to {os.path.join(args.out, 'panels')}")
 
-    # Table 2's three rows and the un-normalised result are recorded next to the paper protocol's result.
+    # Table 2's three rows and the un-normalised result are recorded next to the chosen detector's result.
     # (maps do not depend on the detector, so the pixel-level numbers are only computed once, below)
     per_detector = {det: vad_eval.evaluate(s, None, ds, normalize=args.normalize, smooth=args.smooth)
                     for det, s in scores_by_detector.items()}
-    unnormalised = vad_eval.evaluate(frame_scores, maps, ds, normalize="none", smooth=args.smooth)
-    extra = {"train_time_s": train_time_s, "test_fps": test_fps, "protocol": args.protocol,
-             "detector": args.detector, "lambda_s": lambda_s, "image_size": args.image_size,
-             "detectors": per_detector, "unnormalized": unnormalised, "command": args.command}
+    unnormalised = vad_eval.evaluate(frame_scores, maps16, ds, normalize="none", smooth=args.smooth)
+    extra = {"train_time_s": state.get("train_time_s"), "test_fps": test_fps, "run_protocol": args.protocol,
+             "detector": args.detector, "lambda_s": lambda_s, "lambda_s_maxima": maxima,
+             "image_size": list(args.image_size), "detectors": per_detector, "unnormalized": unnormalised,
+             "train_history": state.get("history", []), "command": args.command}
     return vad_eval.evaluate_run(args.out, ds, normalize=args.normalize, smooth=args.smooth, extra=extra)
 
 
@@ -554,17 +788,17 @@ def test(args, ds, generator, discriminator, train_time_s):
 # CLI
 # --------------------------------------------------------------------------------------------------
 
-# Paper values for real datasets; a small CPU demo for the synthetic one (see the docstring).
-PAPER_DEFAULTS = {"image_size": 224, "pretrain_epochs": 10, "epochs": 20, "batch_size": 3, "lr": 2e-4,
+# The paper's settings (epoch counts are ours: the paper gives none) for real datasets; a small CPU demo
+# for the synthetic one (see the docstring).
+PAPER_DEFAULTS = {"image_size": (224, 224), "pretrain_epochs": 10, "epochs": 20, "batch_size": 3, "lr": 2e-4,
                   "steps_per_epoch": 0}
-SYNTHETIC_DEFAULTS = {"image_size": 64, "pretrain_epochs": 3, "epochs": 1, "batch_size": 3, "lr": 2e-4,
+SYNTHETIC_DEFAULTS = {"image_size": (64, 64), "pretrain_epochs": 3, "epochs": 1, "batch_size": 3, "lr": 2e-4,
                       "steps_per_epoch": 40}
+PAPER_VALUES = {"image_size": (224, 224), "batch_size": 3, "lr": 2e-4, "lambda_pixel": 1.0, "lambda_s_divisor": 10.0}
 
 
 def build_parser():
     parser = common.build_parser("stan", __doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="square input size, a multiple of 8 (paper 224; synthetic default 64)")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help="generator-only epochs on the pixel loss before adversarial training (default 10)")
     parser.add_argument("--steps-per-epoch", type=int, default=None,
@@ -572,13 +806,42 @@ def build_parser():
     parser.add_argument("--lambda-pixel", type=float, default=1.0, help="lambda in L_G, eq. 3 (paper 1)")
     parser.add_argument("--lambda-s", type=float, default=None,
                         help="lambda_s in eq. 5; default: the paper's rule (max ratio of the two terms / 10)")
+    parser.add_argument("--lambda-s-split", choices=("train", "test"), default="train",
+                        help="split whose maxima the lambda_s rule uses (train: stored in model.pt by training)")
     parser.add_argument("--lambda-s-divisor", type=float, default=10.0, help="divisor in the lambda_s rule (paper 10)")
     parser.add_argument("--detector", choices=("g", "d", "gd"), default="gd",
-                        help="Table 2 row: generator pixel loss, discriminator, or both (eq. 5)")
+                        help="Table 2 row written to scores.npz: generator pixel loss, discriminator, or both (eq. 5)")
     parser.add_argument("--test-batch-size", type=int, default=None,
-                        help="windows per test batch (default 256 on CUDA, 32 on CPU)")
+                        help="windows per test chunk (default 256 on CUDA, 32 on CPU)")
     parser.add_argument("--map-pool", type=int, default=4, help="average-pool factor of the stored pixel-loss maps")
     return parser
+
+
+def protocol_label(args):
+    """The run's settings in words: 'paper settings' only when every setting the paper gives is its value;
+    our own choices (epoch counts) and every departure from the paper are named."""
+    height, width = args.image_size
+    not_paper = [f"{name.replace('_', ' ')} {getattr(args, name)} (paper {value})"
+                 for name, value in PAPER_VALUES.items() if getattr(args, name) != value]
+    if args.steps_per_epoch:
+        not_paper.append(f"epochs capped at {args.steps_per_epoch} steps")
+    if args.lambda_s is not None:
+        not_paper.append(f"lambda_s fixed at {args.lambda_s} (paper: max-ratio rule)")
+    elif args.lambda_s_split == "test":
+        not_paper.append("lambda_s maxima from the TEST split (no labels used)")
+    if args.normalize != "video_minmax":
+        not_paper.append(f"normalize {args.normalize} (paper: per-video min-max, eq. 6)")
+    if args.smooth != "none":
+        not_paper.append(f"smooth {args.smooth} (paper: none)")
+    if args.amp and args.device.type == "cuda":
+        not_paper.append("bf16 autocast")
+    label = "STAN REDUCED/MODIFIED settings" if not_paper else "STAN paper settings with our epoch counts"
+    text = (f"{label}: {height}x{width} gray, batch {args.batch_size}, Adam lr {args.lr}, lambda {args.lambda_pixel}, "
+            f"{args.pretrain_epochs} pixel-loss pre-training epochs then {args.epochs} alternating G/D epochs "
+            f"(epoch counts are ours: the paper gives none), lambda_s = max ratio / {args.lambda_s_divisor:g} "
+            f"({'fixed' if args.lambda_s is not None else args.lambda_s_split + ' split'}), detector {args.detector}, "
+            f"normalize {args.normalize}")
+    return text + ("; not the paper's: " + "; ".join(not_paper) if not_paper else "")
 
 
 def resolve_defaults(args):
@@ -586,54 +849,54 @@ def resolve_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.image_size % 8:
-        raise common.DataError(f"--image-size {args.image_size}: expected a multiple of 8")
+    if isinstance(args.image_size, int):            # checkpoints written before sizes were (H, W)
+        args.image_size = (args.image_size, args.image_size)
+    args.image_size = tuple(int(v) for v in args.image_size)
+    if any(v % 8 for v in args.image_size):
+        raise common.DataError(f"--image-size {' '.join(map(str, args.image_size))}: expected multiples of 8 "
+                               f"(the encoder divides the frame by 8 and the decoder doubles it back)")
     if args.normalize is None:
         args.normalize = "video_minmax"       # the paper's protocol (eq. 6)
     if args.test_batch_size is None:
         args.test_batch_size = 256 if args.device.type == "cuda" else 32
-    reduced = args.image_size != 224 or args.steps_per_epoch or args.pretrain_epochs != 10 or args.epochs != 20
-    args.protocol = (f"STAN {'REDUCED' if reduced else 'paper'} protocol: {args.image_size}x{args.image_size} "
-                     f"gray, {args.pretrain_epochs} pixel + {args.epochs} adversarial epochs"
-                     f"{f' x {args.steps_per_epoch} steps' if args.steps_per_epoch else ''}, batch {args.batch_size},"
-                     f" Adam lr {args.lr}, detector {args.detector}, per-video min-max (eq. 6)")
+    if args.test_batch_size < 1 or args.batch_size < 1:
+        raise common.DataError("--batch-size and --test-batch-size: expected positive numbers")
+    args.protocol = protocol_label(args)
     return args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = common.parse_args(build_parser(), argv)
+    parser = build_parser()
+    args = common.parse_args(parser, argv)
     args.command = "python stan.py " + " ".join(argv)
+    checkpoint_path = os.path.join(args.out, "model.pt")
+    if args.test and not args.train:
+        # Test-only: the input size and every training setting the protocol string reports come from the
+        # checkpoint (a differing command-line value is ignored with a warning).
+        common.restore_training_args(args, parser, common.load_checkpoint(checkpoint_path)["args"], TRAINING_KEYS)
+    args = resolve_defaults(args)
     common.seed_everything(args.seed)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    checkpoint_path = os.path.join(args.out, "model.pt")
-    if args.test and not args.train:
-        # Test-only: input size and training settings (for the protocol string) come from the checkpoint.
-        trained_with = common.load_checkpoint(checkpoint_path)["args"]
-        for key in ("image_size", "pretrain_epochs", "epochs", "steps_per_epoch", "batch_size", "lr"):
-            if getattr(args, key) is None:
-                setattr(args, key, trained_with.get(key))
-    args = resolve_defaults(args)
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
     print(json.dumps(ds.summary()))
     os.makedirs(args.out, exist_ok=True)
     generator = Generator().to(args.device)
     discriminator = Discriminator().to(args.device)
-    train_time_s = None
     if args.train:
-        train_time_s = train(args, ds, generator, discriminator)
+        train_time_s = train(args, ds, generator, discriminator, argv)
+        if train_time_s is None:
+            return                           # a --max-minutes slice: the continue command has been printed
         print(f"training took {train_time_s:.1f}s (all runs of this model.pt)")
     if args.test:
         state = common.load_checkpoint(checkpoint_path, map_location=args.device)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
-        if train_time_s is None:
-            train_time_s = state.get("train_time_s")
-        test(args, ds, generator, discriminator, train_time_s)
+        test(args, ds, generator, discriminator, state)
 
 
 if __name__ == "__main__":
