@@ -19,6 +19,10 @@ What it does
     (eq. 4-5: N_O, N_S) and fused: A = N_S + lambda * N_O with lambda = 2. A is the abnormality heatmap;
     the frame score is max(A) (a frame is abnormal when any pixel exceeds the threshold).
     Paper: UCSD Ped2 frame AUC 93.5% / EER 14%; Ped1 97.4% / 8%, pixel AUC 70.3% / EER 35%.
+    Pixel level the paper counts a detection on an abnormal frame that covers under 40% of its ground-truth
+    pixels as a false positive (a stricter variant of the UCSD 40% rule): metrics.json's pixel_auc/pixel_eer
+    use that rule (eval pixel_rule "strict", recorded in scores.npz's meta); pixel_auc_ucsd/pixel_eer_ucsd
+    give the usual UCSD rule for comparison with other methods.
 
 Deviations (from the paper / pix2pix, each with its reason)
     1. Optical flow: OpenCV Farneback from common.load_flows (cached; `--flow-method`), not the flow method
@@ -31,9 +35,10 @@ Deviations (from the paper / pix2pix, each with its reason)
        batch 1 and applies batch normalisation with the statistics of the test batch at test time ("instance
        normalisation" in their words); for batch 1 the two are the same function. Instance norm keeps this
        exact when many test frames are batched for throughput (and when `--batch-size` > 1, where it differs
-       from pix2pix's batch statistics).
+       from pix2pix's batch statistics): a frame's output does not depend on the other frames of its batch.
     4. Dropout (the noise z, p = 0.5) sits in the first three decoder blocks as in the pix2pix paper
-       (CD512-CD1024-CD1024); the public pix2pix code puts it one level lower. It is always on, also at test.
+       (CD512-CD1024-CD1024); the public pix2pix code puts it one level lower. It is always on, also at test
+       (seeded with --seed; the draws depend on the test batch size, so scores move slightly with it).
     5. Channel reductions, which the paper leaves open: Delta_O and Delta_S are reduced to one value per
        pixel by the L2 norm over channels (3 flow channels; 256 conv5 channels), which also makes them
        non-negative so that "normalised by the maximum" maps them to [0, 1].
@@ -49,22 +54,53 @@ Deviations (from the paper / pix2pix, each with its reason)
     9. Frames are gray for every dataset (UCSD is gray; colour datasets are converted).
    10. scores.npz stores A average-pooled to `--map-size` (64x64 by default, float16); the frame score is the
        max of the full-resolution A.
-   11. `--dataset synthetic` defaults (CPU demo, < 3 min on 2 cores): 64x64 inputs with a correspondingly
+   11. Training jitter is pix2pix's (resize to 286x286, a random 256x256 crop, a random horizontal mirror with
+       probability 1/2; `--jitter on`, the default; `--jitter off` trains on the plain frames), with three
+       differences: the resize starts from the cached frames/flow images at the GAN size (one more bilinear
+       resampling) and is bilinear (pix2pix: bicubic from the original image), done on the device; at other
+       sizes S the resize goes to round(S * 286 / 256); a mirrored flow has its dx channel negated (pix2pix
+       mirrors the flow image as a picture, which leaves a left-moving pedestrian's flow pointing right). The
+       frame and its flow share one crop and mirror, and both cGANs see the same jittered pair in a step.
+   12. `--dataset synthetic` defaults (CPU demo, < 3 min on 2 cores): 64x64 inputs with a correspondingly
        shallower U-Net (6 down / 6 up levels instead of 8; dropout still in the first three decoder
        blocks), ngf = ndf = 32, 2 epochs on every 2nd training frame, `--backbone-weights none`. The PatchGAN
-       is unchanged (a 6x6 output grid for 64x64 input).
-   12. ImageNet AlexNet weights need a download (or `--backbone-weights PATH`); with
+       is unchanged (a 6x6 output grid for 64x64 input). `--image-size` must be a square power of two >= 16.
+   13. ImageNet AlexNet weights need a download (or `--backbone-weights PATH`); with
        `--backbone-weights none` the appearance stream uses a randomly initialised AlexNet (printed loudly,
-       recorded in the protocol string): not the paper's setting.
+       recorded in the protocol string): not the paper's setting, and the paper's figures assume ImageNet.
+
+Runs, speed and reproducibility
+    - Training is resumable and can be time-boxed: `--max-minutes M` stops at the next step boundary after M
+      minutes, writes model.pt atomically (weights, both Adam states, epoch, step within the epoch and that
+      epoch's order, the RNG states of torch (dropout), numpy and the sampler (order and jitter draws)),
+      prints the command that continues and exits without testing; `--resume` continues from there, and a
+      run cut into slices ends with the same weights as an uninterrupted one (bit for bit on the CPU). One
+      step = one D and one G update of each cGAN on one batch; the printed steps/s counts these. Losses are
+      summed on the device and checked for NaN/inf every 50 steps and at each epoch end (common.LossMonitor),
+      not synced every step. On CUDA the training split is held on the GPU (uint8 frames, float16 flows)
+      when it fits in half of the free memory, and the jitter runs there.
+    - Test-only runs (`--test`) build no discriminators or optimisers and take every training setting they
+      report from the checkpoint (a differing command-line flag is ignored with a warning).
+    - The test path streams every video through one fixed batch shape (`--test-batch-size`; the last batch
+      of a video is padded with copies of its last pair, which changes no real frame's output, see 3),
+      copies the next batch to the device while the current one runs (common.prefetch_to_device), runs
+      AlexNet once on real and generated frames together, upsamples Delta_S once per video, fuses a whole
+      video on the device and copies its scores and maps back in one transfer (one sync per video). A
+      warm-up batch runs before the timer. The printed test frames/s covers cached frames and flows ->
+      scores.npz and excludes model loading, flow extraction (printed separately) and the warm-up.
+    - With `--streams both` (the paper) the same pass also yields the motion-only (N_O) and appearance-only
+      (N_S) scores: they are evaluated too (metrics.json "streams", scores_motion.npz, scores_appearance.npz),
+      the fusion analysis of the paper's section 5.1 from one run.
+    - `--amp` (bf16 autocast on CUDA) stays opt-in: its effect on the metrics has not been measured.
 
 Usage
     python gan_flow.py --dataset synthetic                       # CPU demo: train + test, prints metrics
-    python gan_flow.py --dataset ped2 --data-root ../shared/data --device cuda --amp
-    python gan_flow.py --dataset ped2 --data-root ../shared/data --test --streams motion   # fusion analysis
+    python gan_flow.py --dataset ped2 --data-root ../shared/data --device cuda --max-minutes 20   # then --resume
+    python gan_flow.py --dataset ped2 --data-root ../shared/data --test --streams motion   # one stream only
     python gan_flow.py --dataset ped2 --backbone-weights ~/alexnet-owt-7be5be79.pth --num-panels 8
     # the reduced CPU protocol of the Ped2 figure measured without a GPU (128x128, 7-level U-Net, half
     # width, 2 epochs over every 3rd training pair, random AlexNet): see the README results table
-    python gan_flow.py --dataset ped2 --data-root ../shared/data --train --image-size 128 --ngf 32 --ndf 32 \
+    python gan_flow.py --dataset ped2 --data-root ../shared/data --train --image-size 128 --ngf 32 --ndf 32 \\
         --epochs 2 --train-stride 3
     python gan_flow.py --dataset ped2 --data-root ../shared/data --test --backbone-weights none
 """
@@ -84,6 +120,14 @@ import eval as vad_eval
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STREAMS = ("both", "motion", "appearance")
+# The paper's (and pix2pix's) settings: a run is labelled "paper settings" only when it uses all of them.
+PAPER_SETTINGS = {"image_size": (256, 256), "ngf": 64, "ndf": 64, "epochs": 10, "batch_size": 1, "lr": 2e-4,
+                  "beta1": 0.5, "l1_weight": 100.0, "dropout": 0.5, "train_stride": 1, "jitter": "on",
+                  "lambda_motion": 2.0, "streams": "both", "backbone_weights": "imagenet", "semantic_size": 256}
+# Training settings a test-only run takes from the checkpoint rather than from the command line.
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "beta1", "l1_weight", "dropout", "train_stride", "jitter",
+                 "image_size", "ngf", "ndf", "flow_method", "flow_scale")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -176,12 +220,13 @@ def init_pix2pix_weights(module):
 
 
 class Pix2Pix(nn.Module):
-    """One conditional GAN N_X->Y: generator G and discriminator D(x, y)."""
+    """One conditional GAN N_X->Y: generator G and discriminator D(x, y) (D is None when only testing)."""
 
-    def __init__(self, in_channels, out_channels, image_size=256, ngf=64, ndf=64, dropout=0.5):
+    def __init__(self, in_channels, out_channels, image_size=256, ngf=64, ndf=64, dropout=0.5,
+                 discriminator=True):
         super().__init__()
         self.G = UNetGenerator(in_channels, out_channels, image_size, ngf, dropout=dropout)
-        self.D = PatchDiscriminator(in_channels + out_channels, ndf)
+        self.D = PatchDiscriminator(in_channels + out_channels, ndf) if discriminator else None
         init_pix2pix_weights(self)
 
 
@@ -212,12 +257,9 @@ class AlexNetConv5(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def frames_to_tensor(frames_u8, device):
-    """(N, H, W) uint8 -> (N, 1, H, W) float in [-1, 1] on device."""
-    t = torch.from_numpy(np.array(frames_u8))  # a writable copy of the (read-only memmap) batch
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return t.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
+def frames_to_image(frames_u8):
+    """(N, H, W) uint8 tensor -> (N, 1, H, W) float in [-1, 1] on the same device."""
+    return frames_u8.float().div_(127.5).sub_(1.0).unsqueeze(1)
 
 
 def flow_to_image(flow, scale):
@@ -227,13 +269,6 @@ def flow_to_image(flow, scale):
     dx, dy = flow[..., 0], flow[..., 1]
     magnitude = torch.sqrt(dx * dx + dy * dy)
     return torch.stack([dx, dy, 2.0 * magnitude - 1.0], dim=1).clamp_(-1.0, 1.0)
-
-
-def flows_to_tensor(flows_f16, scale, device):
-    t = torch.from_numpy(np.array(flows_f16))
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    return flow_to_image(t.to(device), scale)
 
 
 def estimate_flow_scale(train_flows, percentile=99.9, max_frames=400):
@@ -255,15 +290,83 @@ def training_pairs(train_flows, stride):
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def gather_batch(pairs, frames_list, flows_list):
-    """Numpy fancy indexing per video (a batch touches at most batch-size videos)."""
-    frames = np.empty((len(pairs),) + frames_list[0].shape[1:], np.uint8)
-    flows = np.empty((len(pairs),) + flows_list[0].shape[1:], np.float16)
-    for v in np.unique(pairs[:, 0]):
-        rows = np.nonzero(pairs[:, 0] == v)[0]
-        frames[rows] = frames_list[v][pairs[rows, 1]]
-        flows[rows] = flows_list[v][pairs[rows, 1]]
-    return frames, flows
+class TrainingSplit:
+    """The normal training pairs (F_t, O_t), O_t the flow from F_t to F_t+1: uint8 frames and float16 flows.
+    On CUDA the whole split is uploaded once when it fits in half of the free GPU memory and batches are
+    gathered there; otherwise each batch is gathered from the cached memmaps and copied (pinned,
+    non-blocking). Both give the same tensors. `hold` forces either way (tests)."""
+
+    def __init__(self, train_frames, train_flows, stride, device, hold=None):
+        self.device = device
+        self.frames_list, self.flows_list = list(train_frames.values()), list(train_flows.values())
+        self.pairs = training_pairs(train_flows, stride)
+        self.nbytes = sum(f.nbytes for f in self.frames_list) + sum(f.nbytes for f in self.flows_list)
+        if hold is None:
+            hold = device.type == "cuda" and self.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
+        self.on_device = bool(hold)
+        if self.on_device:
+            frame_start = np.cumsum([0] + [len(f) for f in self.frames_list])
+            flow_start = np.cumsum([0] + [len(f) for f in self.flows_list])
+            self.frames = torch.empty((frame_start[-1],) + self.frames_list[0].shape[1:], dtype=torch.uint8,
+                                      device=device)
+            self.flows = torch.empty((flow_start[-1],) + self.flows_list[0].shape[1:], dtype=torch.float16,
+                                     device=device)
+            for v in range(len(self.frames_list)):
+                self.frames[frame_start[v]:frame_start[v + 1]] = common.to_device(self.frames_list[v], device)
+                self.flows[flow_start[v]:flow_start[v + 1]] = common.to_device(self.flows_list[v], device)
+            # row of frame t and of flow t (from t to t+1) of every pair in the concatenated split
+            self.frame_rows = common.to_device(frame_start[self.pairs[:, 0]] + self.pairs[:, 1], device)
+            self.flow_rows = common.to_device(flow_start[self.pairs[:, 0]] + self.pairs[:, 1], device)
+
+    def order_indices(self, order):
+        """An epoch's order (indices into self.pairs) where batch() gathers from: one copy per epoch to the
+        device when the split is held there, so that no step waits on a host-to-device copy."""
+        return common.to_device(order, self.device) if self.on_device else order
+
+    def batch(self, indices):
+        """indices (N,) into self.pairs (a slice of order_indices(order)) -> frames (N, H, W) uint8 and flows
+        (N, H, W, 2) float16 on the device: frame t and the flow from t to t+1 of each pair (video, t)."""
+        if self.on_device:
+            return self.frames[self.frame_rows[indices]], self.flows[self.flow_rows[indices]]
+        pairs = self.pairs[indices]
+        frames = np.empty((len(pairs),) + self.frames_list[0].shape[1:], np.uint8)
+        flows = np.empty((len(pairs),) + self.flows_list[0].shape[1:], np.float16)
+        for v in np.unique(pairs[:, 0]):   # numpy fancy indexing per video (a batch touches few videos)
+            rows = np.nonzero(pairs[:, 0] == v)[0]
+            frames[rows] = self.frames_list[v][pairs[rows, 1]]
+            flows[rows] = self.flows_list[v][pairs[rows, 1]]
+        return common.to_device(frames, self.device), common.to_device(flows, self.device)
+
+
+def jitter_load_size(size):
+    """pix2pix resizes 256x256 crops' images to 286x286 first; the same ratio at other sizes (Deviation 11)."""
+    return int(round(size * 286 / 256))
+
+
+def draw_jitter(rng, num, size, load_size):
+    """pix2pix's random crop offsets (y, x), uniform in [0, load - size], and mirror flags (p = 1/2), drawn on
+    the host from the sampler's generator (saved with the checkpoint; no device sync)."""
+    offsets = rng.integers(0, load_size - size + 1, size=(num, 2))
+    flips = rng.random(num) < 0.5
+    return offsets, flips
+
+
+def apply_jitter(frame_img, flow_img, offsets, flips, load_size):
+    """Deviation 11 on the device: resize the frame (N, 1, S, S) and flow image (N, 3, S, S) to load_size
+    (bilinear), crop each pair at its offset back to S x S, mirror the flagged pairs; a mirrored flow's dx
+    channel changes sign (dy and the magnitude do not)."""
+    size = frame_img.shape[-1]
+    frame_big = F.interpolate(frame_img, size=(load_size, load_size), mode="bilinear", align_corners=False)
+    flow_big = F.interpolate(flow_img, size=(load_size, load_size), mode="bilinear", align_corners=False)
+    frames, flows = [], []
+    for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+        frame, flow = frame_big[i, :, y:y + size, x:x + size], flow_big[i, :, y:y + size, x:x + size]
+        if flip:
+            frame, flow = frame.flip(-1), flow.flip(-1)
+            flow = torch.cat([-flow[:1], flow[1:]])  # mirrored motion: dx changes sign
+        frames.append(frame)
+        flows.append(flow)
+    return torch.stack(frames), torch.stack(flows)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -281,22 +384,21 @@ def generator_loss(logits_fake, generated, target, l1_weight):
     return adversarial + l1_weight * l1, adversarial, l1
 
 
-def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, where, amp):
-    """One pix2pix update of D then G on the batch (x -> y). Returns (loss_D, loss_G, l1) floats."""
+def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
+    """One pix2pix update of D then G on the batch (x -> y). Returns (loss_D, loss_G, l1) as detached device
+    tensors: no host sync here (common.LossMonitor checks them every N steps)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         fake = net.G(x)
         loss_D = discriminator_loss(net.D(x, y), net.D(x, fake.detach()))
-    common.check_finite(loss_D, f"{where} D")
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     opt_D.step()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         loss_G, _, l1 = generator_loss(net.D(x, fake), fake, y, l1_weight)
-    common.check_finite(loss_G, f"{where} G")
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     opt_G.step()
-    return loss_D.item(), loss_G.item(), l1.item()
+    return loss_D.detach(), loss_G.detach(), l1.detach()
 
 
 def make_optimizers(net, lr, beta1):
@@ -305,189 +407,319 @@ def make_optimizers(net, lr, beta1):
             torch.optim.Adam(net.D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True))
 
 
-def checkpoint_state(nets, opts, epoch, args, config, train_time_s):
-    state = {"epoch": epoch, "args": common.args_to_dict(args), "config": config, "train_time_s": train_time_s}
+def build_networks(config, device, discriminators=True):
+    size, ngf, ndf, p = config["image_size"], config["ngf"], config["ndf"], config["dropout"]
+    return {"f2o": Pix2Pix(1, 3, size, ngf, ndf, p, discriminators).to(device),   # N_F->O: frame -> flow image
+            "o2f": Pix2Pix(3, 1, size, ngf, ndf, p, discriminators).to(device)}   # N_O->F: flow image -> frame
+
+
+def checkpoint_state(nets, opts, args, config, progress, sampler, train_time_s):
+    """Everything a resumed run needs to continue exactly: weights, Adam states, the position in the
+    schedule (completed epochs, steps done in the current epoch and its order) and every RNG state."""
+    state = {"epoch": progress["epoch"], "step": progress["step"],
+             "order": None if progress["order"] is None else torch.from_numpy(progress["order"]),
+             "rng": common.get_rng_state({"sampler": sampler}),
+             "args": common.args_to_dict(args), "config": config, "train_time_s": train_time_s}
     for name in ("f2o", "o2f"):
         state[name] = {"G": nets[name].G.state_dict(), "D": nets[name].D.state_dict(),
                        "opt_G": opts[name][0].state_dict(), "opt_D": opts[name][1].state_dict()}
     return state
 
 
-def build_networks(config, device):
-    size, ngf, ndf, p = config["image_size"], config["ngf"], config["ndf"], config["dropout"]
-    return {"f2o": Pix2Pix(1, 3, size, ngf, ndf, p).to(device),   # N_F->O: frame -> flow image
-            "o2f": Pix2Pix(3, 1, size, ngf, ndf, p).to(device)}   # N_O->F: flow image -> frame
-
-
-def train(args, config, train_frames, train_flows, nets, opts, start_epoch, train_time_s):
+def train(args, config, split, nets, opts, checkpoint, budget, argv):
+    """pix2pix training of both cGANs on the normal pairs, one batch order per epoch shared by both.
+    Returns (finished, train_time_s); finished is False when --max-minutes stopped the run (checkpoint
+    written, continue command printed)."""
     device, amp = args.device, args.amp and args.device.type == "cuda"
-    frames_list, flows_list = list(train_frames.values()), list(train_flows.values())
-    pairs = training_pairs(train_flows, args.train_stride)
-    print(f"training on {len(pairs)} normal (frame, flow) pairs, {args.epochs} epochs, batch {args.batch_size}")
-    rng = np.random.default_rng(args.seed + start_epoch)
-    scale = config["flow_scale"]
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        order = rng.permutation(len(pairs))
-        totals = np.zeros(6)
-        batches = range(0, len(order), args.batch_size)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    size, scale = config["image_size"], config["flow_scale"]
+    load_size = jitter_load_size(size)
+    pairs = split.pairs
+    steps_per_epoch = math.ceil(len(pairs) / args.batch_size)
+    sampler = np.random.default_rng(args.seed)  # epoch orders and jitter draws
+    progress = {"epoch": 0, "step": 0, "order": None}
+    train_time_s = 0.0
+    if checkpoint is not None:
+        order = checkpoint.get("order")
+        progress = {"epoch": checkpoint["epoch"], "step": checkpoint.get("step", 0),
+                    "order": None if order is None else order.numpy()}
+        train_time_s = checkpoint.get("train_time_s", 0.0)
+        if "rng" in checkpoint:
+            common.set_rng_state(checkpoint["rng"], {"sampler": sampler})
+    print(f"training on {len(pairs)} normal (frame, flow) pairs, {args.epochs} epochs of {steps_per_epoch} steps, "
+          f"batch {args.batch_size}, jitter {args.jitter}, split held on {'the device' if split.on_device else 'the host'}")
+    monitor = common.LossMonitor(every=50)
+
+    def save(where):
+        monitor.check(where)  # never write a checkpoint after a non-finite loss
+        common.save_checkpoint(ckpt_path, checkpoint_state(nets, opts, args, config, progress, sampler,
+                                                           train_time_s))
+
+    while progress["epoch"] < args.epochs:
+        epoch = progress["epoch"]
+        if progress["step"] == 0:
+            progress["order"] = sampler.permutation(len(pairs))
+        order = split.order_indices(progress["order"])
         for net in nets.values():
             net.train()
-        for i, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)):
-            frames, flows = gather_batch(pairs[order[start:start + args.batch_size]], frames_list, flows_list)
-            frame_img = frames_to_tensor(frames, device)
-            flow_img = flows_to_tensor(flows, scale, device)
-            totals[:3] += pix2pix_step(nets["f2o"], *opts["f2o"], frame_img, flow_img, args.l1_weight,
-                                       f"epoch {epoch + 1} step {i} N_F->O", amp)
-            totals[3:] += pix2pix_step(nets["o2f"], *opts["o2f"], flow_img, frame_img, args.l1_weight,
-                                       f"epoch {epoch + 1} step {i} N_O->F", amp)
-        means = totals / max(1, len(batches))
-        train_time_s += time.time() - t0
-        common.save_checkpoint(os.path.join(args.out, "model.pt"),
-                               checkpoint_state(nets, opts, epoch + 1, args, config, train_time_s))
-        print(f"epoch {epoch + 1}/{args.epochs}  N_F->O: D {means[0]:.3f} G {means[1]:.3f} L1 {means[2]:.4f}  "
-              f"N_O->F: D {means[3]:.3f} G {means[4]:.3f} L1 {means[5]:.4f}  ({time.time() - t0:.0f}s)")
-    return train_time_s
+        t0, first_step = time.time(), progress["step"]
+        stopped = False
+        bar = tqdm(range(first_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for step in bar:
+            frames_u8, flows_f16 = split.batch(order[step * args.batch_size:(step + 1) * args.batch_size])
+            frame_img, flow_img = frames_to_image(frames_u8), flow_to_image(flows_f16, scale)
+            if args.jitter == "on":
+                frame_img, flow_img = apply_jitter(frame_img, flow_img,
+                                                   *draw_jitter(sampler, len(frame_img), size, load_size), load_size)
+            f2o = pix2pix_step(nets["f2o"], *opts["f2o"], frame_img, flow_img, args.l1_weight, amp)
+            o2f = pix2pix_step(nets["o2f"], *opts["o2f"], flow_img, frame_img, args.l1_weight, amp)
+            where = f"epoch {epoch + 1} step {step + 1}"
+            monitor.add(where, f2o_D=f2o[0], f2o_G=f2o[1], f2o_L1=f2o[2], o2f_D=o2f[0], o2f_G=o2f[1], o2f_L1=o2f[2])
+            progress["step"] = step + 1
+            if budget.expired() and step + 1 < steps_per_epoch:
+                stopped = True
+                break
+        common.synchronize(device)
+        elapsed = time.time() - t0
+        train_time_s += elapsed
+        steps_per_s = (progress["step"] - first_step) / max(elapsed, 1e-9)
+        if stopped:
+            save(f"epoch {epoch + 1} step {progress['step']}")
+            print(f"training: {steps_per_s:.2f} steps/s (one step = a D and a G update of both cGANs, batch "
+                  f"{args.batch_size})")
+            common.report_time_stop(__file__, argv, ckpt_path, f"epoch {epoch + 1} step {progress['step']}"
+                                    f"/{steps_per_epoch}", budget)
+            return False, train_time_s
+        means = monitor.means(f"end of epoch {epoch + 1}")
+        progress = {"epoch": epoch + 1, "step": 0, "order": None}
+        save(f"end of epoch {epoch + 1}")
+        print(f"epoch {epoch + 1}/{args.epochs}  N_F->O: D {means['f2o_D']:.3f} G {means['f2o_G']:.3f} "
+              f"L1 {means['f2o_L1']:.4f}  N_O->F: D {means['o2f_D']:.3f} G {means['o2f_G']:.3f} "
+              f"L1 {means['o2f_L1']:.4f}  ({elapsed:.0f}s, {steps_per_s:.2f} steps/s; one step = a D and a G "
+              f"update of both cGANs)")
+        if budget.expired() and progress["epoch"] < args.epochs:
+            common.report_time_stop(__file__, argv, ckpt_path, f"end of epoch {progress['epoch']}", budget)
+            return False, train_time_s
+    return True, train_time_s
 
 
 # ----------------------------------------------------------------------------------------------- scoring
 def difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, streams, semantic_size=None):
-    """Per-frame raw differences (before the per-video normalisation):
+    """Per-frame raw differences (before the per-video normalisation) and the generated images:
     Delta_O = ||O - G_F->O(F)||_2 over the 3 flow channels, (N, H, W);
     Delta_S = ||h(F) - h(G_O->F(O))||_2 over the 256 conv5 channels, (N, h, w). h sees F and p_F resized
-    to semantic_size (the paper's 256x256 frames -> a 15x15 conv5 grid) when the GANs run smaller."""
-    delta_O = delta_S = None
+    to semantic_size (the paper's 256x256 frames -> a 15x15 conv5 grid) when the GANs run smaller; AlexNet
+    runs once on F and p_F stacked into one batch. Returns (Delta_O, Delta_S, p_O, p_F), None for a stream
+    that is not computed."""
+    delta_O = delta_S = generated_flow = generated_frame = None
     if streams in ("both", "motion"):
-        delta_O = (flow_img - G_f2o(frame_img)).float().norm(dim=1)
+        generated_flow = G_f2o(frame_img)
+        delta_O = (flow_img - generated_flow).float().norm(dim=1)
     if streams in ("both", "appearance"):
-        real, generated = frame_img, G_o2f(flow_img)
-        if semantic_size and semantic_size != real.shape[-1]:
-            real, generated = (F.interpolate(x, size=(semantic_size, semantic_size), mode="bilinear",
-                                             align_corners=False) for x in (real, generated))
-        delta_S = (alexnet(real) - alexnet(generated)).float().norm(dim=1)
-    return delta_O, delta_S
+        generated_frame = G_o2f(flow_img)
+        real_and_generated = torch.cat([frame_img, generated_frame.to(frame_img.dtype)])
+        if semantic_size and semantic_size != real_and_generated.shape[-1]:
+            real_and_generated = F.interpolate(real_and_generated, size=(semantic_size, semantic_size),
+                                               mode="bilinear", align_corners=False)
+        h_real, h_generated = alexnet(real_and_generated).chunk(2)
+        delta_S = (h_real - h_generated).float().norm(dim=1)
+    return delta_O, delta_S, generated_flow, generated_frame
 
 
-def fuse_video(delta_O, delta_S, image_size, lambda_motion, streams, chunk=64):
-    """Equations 4-5 and the fusion, for one whole video. delta_O (T, H, W) or None, delta_S (T, h, w) or
-    None. Delta_S is upsampled bilinearly to H x W (Delta'_S); m_O, m_S = maxima over all elements of the
-    video; A = Delta'_S / m_S + lambda * Delta_O / m_O. Yields A chunk by chunk (to bound memory)."""
-    def upsample(d):
-        return F.interpolate(d[:, None], size=(image_size, image_size), mode="bilinear",
-                             align_corners=False)[:, 0]
+def fuse_video(delta_O, delta_S, image_size, lambda_motion):
+    """Equations 4-5 and the fusion, for one whole video on its device. delta_O (T, H, W) or None, delta_S
+    (T, h, w) or None. Delta_S is upsampled bilinearly to H x W once (Delta'_S); m_O, m_S = maxima over all
+    elements of the video; N_O = Delta_O / m_O, N_S = Delta'_S / m_S. Returns the maps of every stream that
+    can be formed: {"motion": N_O, "appearance": N_S, "both": N_S + lambda N_O} (each (T, H, W))."""
+    maps = {}
+    if delta_O is not None:
+        maps["motion"] = delta_O.float() / delta_O.max().float().clamp_min(1e-12)
+    if delta_S is not None:
+        upsampled = F.interpolate(delta_S.float()[:, None], size=(image_size, image_size), mode="bilinear",
+                                  align_corners=False)[:, 0]
+        maps["appearance"] = upsampled / upsampled.max().clamp_min(1e-12)
+    if delta_O is not None and delta_S is not None:
+        maps["both"] = maps["appearance"] + lambda_motion * maps["motion"]
+    return maps
 
-    num = len(delta_O) if delta_O is not None else len(delta_S)
-    m_O = float(delta_O.max()) if delta_O is not None else 1.0
-    m_S = max(float(upsample(delta_S[s:s + chunk]).max()) for s in range(0, num, chunk)) if delta_S is not None else 1.0
-    m_O, m_S = max(m_O, 1e-12), max(m_S, 1e-12)
-    for s in range(0, num, chunk):
-        A = 0.0
-        if streams in ("both", "appearance"):
-            A = A + upsample(delta_S[s:s + chunk].float()) / m_S
-        if streams in ("both", "motion"):
-            A = A + (lambda_motion if streams == "both" else 1.0) * delta_O[s:s + chunk].float() / m_O
-        yield A
+
+def panel_frames(scores, num_pairs, count):
+    """The `count` best-scoring frames of a video (stable order; the unscored last frame last), as indices
+    of frames that have a flow: the frames drawn in the panels."""
+    ranked = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:count]
+    return [int(min(t, num_pairs - 1)) for t in ranked]
+
+
+def panels_per_video(names, num_panels):
+    """Panels are dealt round-robin over the test videos: how many each video gets."""
+    return {name: len(range(i, num_panels, len(names))) for i, name in enumerate(names)}
+
+
+def score_videos(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args, panels=None):
+    """Score every test video. frames (T, S, S) uint8 and flows (T-1, S, S, 2) float16 per video ->
+    {video: {stream: (scores (T,) float32, maps (T, m, m) float16), ..., "panels": {t: (p_F, p_O)}}}, with
+    every stream fuse_video forms (the main one is args.streams), NaN for the last frame (Deviation 8), A
+    average-pooled to --map-size, and for `panels[video]` best frames the generated frame and flow that
+    were scored. All batches have one shape (the last of a video padded); the next batch is copied while
+    the current one runs; one transfer back per video."""
+    device, amp = args.device, args.amp and args.device.type == "cuda"
+    batch, map_size = args.test_batch_size, args.map_size
+    panels = panels or {}
+    plan = [(name, s, min(len(test_flows[name]), s + batch)) for name in test_frames
+            for s in range(0, len(test_flows[name]), batch)]
+    host_frames = (common.pad_batch(np.asarray(test_frames[name][s:e]), batch)[0] for name, s, e in plan)
+    host_flows = (common.pad_batch(np.asarray(test_flows[name][s:e]), batch)[0] for name, s, e in plan)
+    results = {}
+    for name in test_frames:
+        if len(test_flows[name]) == 0:  # a one-frame video: nothing to score
+            empty = (np.full(len(test_frames[name]), np.nan, np.float32),
+                     np.zeros((len(test_frames[name]), map_size, map_size), np.float16))
+            results[name] = {stream: empty for stream in STREAMS} | {"panels": {}}
+    deltas_O, deltas_S, generated = [], [], []
+    batches = zip(plan, common.prefetch_to_device(host_frames, device), common.prefetch_to_device(host_flows, device))
+    for (name, s, e), frames_u8, flows_f16 in tqdm(batches, total=len(plan), desc="test batches", leave=False):
+        n_real = e - s
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            d_O, d_S, p_O, p_F = difference_maps(frames_to_image(frames_u8), flow_to_image(flows_f16, scale),
+                                                 G_f2o, G_o2f, alexnet, args.streams, args.semantic_size)
+        deltas_O.append(None if d_O is None else d_O[:n_real])
+        deltas_S.append(None if d_S is None else d_S[:n_real])
+        if panels.get(name):
+            generated.append((None if p_F is None else p_F[:n_real], None if p_O is None else p_O[:n_real]))
+        if e < len(test_flows[name]):
+            continue
+        # the video's last batch: fuse on the device, one transfer of every stream's scores and maps
+        num_frames, num_pairs = len(test_frames[name]), len(test_flows[name])
+        delta_O = None if deltas_O[0] is None else torch.cat(deltas_O)
+        delta_S = None if deltas_S[0] is None else torch.cat(deltas_S)
+        fused = fuse_video(delta_O, delta_S, test_frames[name].shape[-1], args.lambda_motion)
+        streams = list(fused)
+        packed = torch.stack([torch.cat([A.flatten(1).amax(1)[:, None],
+                                         F.adaptive_avg_pool2d(A[:, None], map_size).flatten(1)], dim=1)
+                              for A in fused.values()]).cpu().numpy()
+        result = {}
+        for k, stream in enumerate(streams):
+            scores = np.full(num_frames, np.nan, np.float32)
+            scores[:num_pairs] = packed[k, :, 0]
+            maps = np.empty((num_frames, map_size, map_size), np.float16)
+            maps[:num_pairs] = packed[k, :, 1:].reshape(num_pairs, map_size, map_size)
+            maps[num_pairs:] = maps[num_pairs - 1]  # the last frame has no flow: copy the previous map
+            result[stream] = (scores, maps)
+        result["panels"] = {}
+        if panels.get(name):
+            p_F = None if generated[0][0] is None else torch.cat([g[0] for g in generated])
+            p_O = None if generated[0][1] is None else torch.cat([g[1] for g in generated])
+            for t in panel_frames(result[args.streams][0], num_pairs, panels[name]):
+                result["panels"][t] = (None if p_F is None else p_F[t, 0].float().cpu().numpy(),
+                                       None if p_O is None else p_O[t].float().cpu().numpy())
+        results[name] = result
+        deltas_O, deltas_S, generated = [], [], []
+    return {name: results[name] for name in test_frames}
 
 
 def score_video(frames, flows, G_f2o, G_o2f, alexnet, scale, args):
-    """frames (T, S, S) uint8, flows (T-1, S, S, 2) float16 -> frame scores (T,) float32 (NaN for the last
-    frame, Deviation 8) and maps (T, map, map) float16: A average-pooled to --map-size."""
-    device, amp = args.device, args.amp and args.device.type == "cuda"
-    size = frames.shape[-1]
-    num_pairs = len(flows)
-    if num_pairs == 0:  # a one-frame video: nothing to score
-        return np.full(len(frames), np.nan, np.float32), np.zeros((len(frames), args.map_size, args.map_size), np.float16)
-    deltas_O, deltas_S = [], []
-    for s in range(0, num_pairs, args.test_batch_size):
-        e = min(num_pairs, s + args.test_batch_size)
-        frame_img = frames_to_tensor(frames[s:e], device)
-        flow_img = flows_to_tensor(flows[s:e], scale, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            d_O, d_S = difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, args.streams,
-                                       args.semantic_size)
-        if d_O is not None:
-            deltas_O.append(d_O.half() if device.type == "cuda" else d_O)
-        if d_S is not None:
-            deltas_S.append(d_S)
-    delta_O = torch.cat(deltas_O) if deltas_O else None
-    delta_S = torch.cat(deltas_S) if deltas_S else None
-    scores = np.full(len(frames), np.nan, np.float32)
-    maps = np.zeros((len(frames), args.map_size, args.map_size), np.float16)
-    s = 0
-    for A in fuse_video(delta_O, delta_S, size, args.lambda_motion, args.streams):
-        scores[s:s + len(A)] = A.flatten(1).amax(1).cpu().numpy()
-        maps[s:s + len(A)] = F.adaptive_avg_pool2d(A[:, None], args.map_size)[:, 0].cpu().numpy()
-        s += len(A)
-    maps[num_pairs:] = maps[num_pairs - 1]  # the last frame has no flow: copy the previous map
-    return scores, maps
+    """One video: (frame scores (T,) float32, maps (T, m, m) float16) of the stream args.streams."""
+    return score_videos({"video": frames}, {"video": flows}, G_f2o, G_o2f, alexnet, scale, args)["video"][args.streams]
+
+
+def warm_up(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args):
+    """One batch of the test shape through the test path before the timer (cuDNN autotuning, allocator)."""
+    name = next(name for name in test_frames if len(test_flows[name]))
+    frames = common.to_device(common.pad_batch(np.asarray(test_frames[name][:args.test_batch_size]),
+                                               args.test_batch_size)[0], args.device)
+    flows = common.to_device(common.pad_batch(np.asarray(test_flows[name][:args.test_batch_size]),
+                                              args.test_batch_size)[0], args.device)
+    with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp and args.device.type == "cuda"):
+        difference_maps(frames_to_image(frames), flow_to_image(flows, scale), G_f2o, G_o2f, alexnet,
+                        args.streams, args.semantic_size)
+    common.synchronize(args.device)
 
 
 # ----------------------------------------------------------------------------------------------- localization
-def save_panels(out_dir, ds, test_frames, test_flows, scores, maps, nets, scale, args):
-    """Fig. 3: real frame | generated frame G_O->F(O) | generated flow G_F->O(F) | abnormality heatmap A,
-    for the --num-panels frames chosen round-robin over test videos, best-scoring frame first."""
+def save_panels(out_dir, ds, test_frames, results, args):
+    """Fig. 3: real frame | generated frame G_O->F(O) | generated flow G_F->O(F) | abnormality heatmap A, for
+    the --num-panels frames dealt round-robin over the test videos, best-scoring frame first. The generated
+    images are the ones that were scored (kept by score_videos), not a new draw of the dropout noise."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(test_frames)
-    chosen = []
-    for i in range(args.num_panels):
-        name = names[i % len(names)]
-        ranked = np.argsort(-np.nan_to_num(scores[name], nan=-np.inf), kind="stable")
-        k = i // len(names)
-        if k < len(ranked):
-            chosen.append((name, int(min(ranked[k], len(test_flows[name]) - 1))))
     panel_dir = os.path.join(out_dir, "panels")
     os.makedirs(panel_dir, exist_ok=True)
-    for name, t in chosen:
-        frame_img = frames_to_tensor(test_frames[name][t:t + 1], args.device)
-        flow_img = flows_to_tensor(test_flows[name][t:t + 1], scale, args.device)
-        with torch.inference_mode():
-            gen_frame = nets["o2f"].G(flow_img)[0, 0].float().cpu().numpy()
-            gen_flow = nets["f2o"].G(frame_img)[0].float().cpu().numpy()
-        real = test_frames[name][t]
-        heat = maps[name][t].astype(np.float32)
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-        axes[0].imshow(real, cmap="gray", vmin=0, vmax=255)
-        axes[0].set_title("real frame")
-        axes[1].imshow((gen_frame + 1) / 2, cmap="gray", vmin=0, vmax=1)
-        axes[1].set_title("generated frame")
-        axes[2].imshow(np.clip((gen_flow.transpose(1, 2, 0) + 1) / 2, 0, 1))
-        axes[2].set_title("generated OF (dx, dy, |f|)")
-        axes[3].imshow(real, cmap="gray", vmin=0, vmax=255)
-        size = real.shape[0]
-        axes[3].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, size - 0.5, size - 0.5, -0.5),
-                       vmin=0, vmax=1 + (args.lambda_motion if args.streams == "both" else 0))
-        video = ds.video(name)
-        if video.has_masks:
-            import cv2
-            mask = cv2.resize(video.read_masks()[t].astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-            if mask.any():
-                axes[3].contour(mask, levels=[0.5], colors="white", linewidths=1)
-        axes[3].set_title(f"abnormality heatmap (score {scores[name][t]:.2f})")
-        for ax in axes:
-            ax.axis("off")
-        fig.suptitle(f"{name} frame {t + 1}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(panel_dir, f"{name}_{t + 1:04d}.png"), dpi=80)
-        plt.close(fig)
-    return len(chosen)
+    written = 0
+    for name in test_frames:
+        scores, maps = results[name][args.streams]
+        for t, (gen_frame, gen_flow) in results[name]["panels"].items():
+            real = test_frames[name][t]
+            size = real.shape[0]
+            fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+            axes[0].imshow(real, cmap="gray", vmin=0, vmax=255)
+            axes[0].set_title("real frame")
+            if gen_frame is not None:
+                axes[1].imshow((gen_frame + 1) / 2, cmap="gray", vmin=0, vmax=1)
+            axes[1].set_title("generated frame")
+            if gen_flow is not None:
+                axes[2].imshow(np.clip((gen_flow.transpose(1, 2, 0) + 1) / 2, 0, 1))
+            axes[2].set_title("generated OF (dx, dy, |f|)")
+            axes[3].imshow(real, cmap="gray", vmin=0, vmax=255)
+            axes[3].imshow(maps[t].astype(np.float32), cmap="jet", alpha=0.5,
+                           extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+                           vmin=0, vmax=1 + (args.lambda_motion if args.streams == "both" else 0))
+            video = ds.video(name)
+            if video.has_masks:
+                import cv2
+                mask = cv2.resize(video.read_masks()[t].astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+                if mask.any():
+                    axes[3].contour(mask, levels=[0.5], colors="white", linewidths=1)
+            axes[3].set_title(f"abnormality heatmap (score {scores[t]:.2f})")
+            for ax in axes:
+                ax.axis("off")
+            fig.suptitle(f"{name} frame {t + 1}")
+            fig.tight_layout()
+            fig.savefig(os.path.join(panel_dir, f"{name}_{t + 1:04d}.png"), dpi=80)
+            plt.close(fig)
+            written += 1
+    return written
 
 
 # ----------------------------------------------------------------------------------------------- main
+def protocol_label(args, backbone):
+    """'paper settings' only when every setting is the paper's (the flow method and encoding, Deviations 1-2,
+    are always ours); otherwise the settings that differ, named."""
+    ours = {"backbone_weights": "imagenet" if backbone == "alexnet-imagenet" else backbone}
+    differ = [f"{key} {ours.get(key, getattr(args, key))}" for key, paper in PAPER_SETTINGS.items()
+              if ours.get(key, getattr(args, key)) != paper]
+    if args.normalize not in (None, "none") or args.smooth != "none":
+        differ.append(f"normalize {args.normalize}, smooth {args.smooth}")
+    return "paper settings" if not differ else "not the paper's settings: " + ", ".join(differ)
+
+
+def timed_flows(ds, split, size, config, args):
+    """common.load_split_flows, timed: flow extraction frames/s (cached videos are read, not recomputed)."""
+    t0 = time.time()
+    flows = common.load_split_flows(ds, split, size, method=config["flow_method"], cache_dir=args.cache_dir,
+                                    workers=args.workers or 0)
+    seconds = time.time() - t0
+    num = sum(len(f) for f in flows.values())
+    print(f"flows ({split}): {num} flows in {seconds:.1f}s = {num / max(seconds, 1e-9):.1f} frames/s "
+          f"({config['flow_method']} at {size[0]}x{size[1]}, {args.workers or os.cpu_count()} processes; "
+          f"includes cache reads of videos already computed)")
+    return flows
+
+
 def main(argv=None):
     parser = common.build_parser("gan_flow", __doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="frame/flow size for the GANs (paper 256; synthetic default 64)")
     parser.add_argument("--ngf", type=int, default=None, help="generator base width (pix2pix 64; synthetic 32)")
     parser.add_argument("--ndf", type=int, default=None, help="discriminator base width (pix2pix 64; synthetic 32)")
     parser.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix 100)")
     parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (paper: 'momentum 0.5')")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout = noise z, kept at test time")
+    parser.add_argument("--jitter", choices=("on", "off"), default=None,
+                        help="pix2pix training jitter: resize to 286/256 of the size, random crop, mirror (on)")
     parser.add_argument("--lambda-motion", type=float, default=2.0, help="A = N_S + lambda N_O (paper 2)")
-    parser.add_argument("--streams", choices=("both", "motion", "appearance"), default="both",
-                        help="motion = N_F->O only, appearance = N_O->F only, both = fused (paper)")
+    parser.add_argument("--streams", choices=STREAMS, default="both",
+                        help="motion = N_F->O only, appearance = N_O->F only, both = fused (paper; also "
+                             "reports the two single streams)")
     parser.add_argument("--backbone-weights", default=None,
                         help="imagenet (torchvision alexnet-owt-7be5be79.pth via torch.hub), none (random), or "
                              "a PATH (default imagenet; none for --dataset synthetic)")
@@ -500,57 +732,82 @@ def main(argv=None):
                         help="use every k-th training pair (paper 1; synthetic 2)")
     parser.add_argument("--test-batch-size", type=int, default=None, help="frames per test batch (CPU 32, CUDA 256)")
     parser.add_argument("--map-size", type=int, default=64, help="side of the A maps stored in scores.npz")
+    argv_given = argv
     args = common.parse_args(parser, argv)
+    ckpt_path = os.path.join(args.out, "model.pt")
 
+    # a test-only run reports the model's training settings; a resumed run continues the checkpoint's
+    checkpoint = None
+    if not args.train:
+        checkpoint = common.load_checkpoint(ckpt_path)
+        common.restore_training_args(args, parser, checkpoint["args"], TRAINING_KEYS)
+        if "jitter" not in checkpoint["args"]:
+            args.jitter = "off"  # trained before the jitter existed
+    elif args.resume:
+        checkpoint = common.resume_checkpoint(ckpt_path, True)
     synthetic = args.dataset == "synthetic"
-    fill = {"image_size": 64 if synthetic else 256, "ngf": 32 if synthetic else 64, "ndf": 32 if synthetic else 64,
-            "epochs": 2 if synthetic else 10, "batch_size": 1, "lr": 2e-4, "train_stride": 2 if synthetic else 1,
-            "backbone_weights": "none" if synthetic else "imagenet",
+    fill = {"image_size": (64, 64) if synthetic else (256, 256), "ngf": 32 if synthetic else 64,
+            "ndf": 32 if synthetic else 64, "epochs": 2 if synthetic else 10, "batch_size": 1, "lr": 2e-4,
+            "train_stride": 2 if synthetic else 1, "jitter": "on", "backbone_weights": "none" if synthetic else "imagenet",
             "test_batch_size": 256 if args.device.type == "cuda" else 32}
     for key, value in fill.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if isinstance(args.image_size, int):  # checkpoints written before --image-size took H W
+        args.image_size = (args.image_size, args.image_size)
+    side = args.image_size[0]
+    if args.image_size[0] != args.image_size[1] or side < 16 or side & (side - 1):
+        raise common.DataError(f"--image-size {args.image_size[0]} {args.image_size[1]}: gan_flow's U-Net needs a "
+                               "square power-of-two size >= 16 (e.g. 256, the paper's, or 128)")
+    for flag in ("batch_size", "test_batch_size", "epochs", "train_stride", "map_size", "semantic_size"):
+        if getattr(args, flag) < (0 if flag == "epochs" else 1):
+            raise common.DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive number")
     common.seed_everything(args.seed)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "model.pt")
+    budget = common.TimeBudget(args.max_minutes)
 
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
     print(ds.summary())
 
-    # configuration: from the checkpoint when resuming or testing only, else from the flags
-    checkpoint = None
-    if args.resume or not args.train:
-        checkpoint = common.load_checkpoint(ckpt_path)
+    if checkpoint is not None:
         config = checkpoint["config"]
     else:
-        config = {"image_size": args.image_size, "ngf": args.ngf, "ndf": args.ndf, "dropout": args.dropout,
+        config = {"image_size": side, "ngf": args.ngf, "ndf": args.ndf, "dropout": args.dropout,
                   "flow_method": args.flow_method, "flow_scale": args.flow_scale or None}
     size = (config["image_size"], config["image_size"])
-
-    nets = build_networks(config, args.device)
-    opts = {name: make_optimizers(net, args.lr, args.beta1) for name, net in nets.items()}
-    start_epoch, train_time_s = 0, 0.0
+    nets = build_networks(config, args.device, discriminators=args.train)
+    opts = {name: make_optimizers(net, args.lr, args.beta1) for name, net in nets.items()} if args.train else None
     if checkpoint is not None:
         for name in ("f2o", "o2f"):
             nets[name].G.load_state_dict(checkpoint[name]["G"])
-            nets[name].D.load_state_dict(checkpoint[name]["D"])
-            opts[name][0].load_state_dict(checkpoint[name]["opt_G"])
-            opts[name][1].load_state_dict(checkpoint[name]["opt_D"])
-        start_epoch, train_time_s = checkpoint["epoch"], checkpoint.get("train_time_s", 0.0)
-        print(f"loaded {ckpt_path} (epoch {start_epoch}, config {config})")
+            if args.train:
+                nets[name].D.load_state_dict(checkpoint[name]["D"])
+                opts[name][0].load_state_dict(checkpoint[name]["opt_G"])
+                opts[name][1].load_state_dict(checkpoint[name]["opt_D"])
+        print(f"loaded {ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint.get('step', 0)}, config {config})")
+    epochs_done = checkpoint["epoch"] if checkpoint is not None else 0
+    steps_done = checkpoint.get("step", 0) if checkpoint is not None else 0
+    train_time_s = checkpoint.get("train_time_s", 0.0) if checkpoint is not None else 0.0
 
     if args.train:
         train_frames = common.load_split_frames(ds, "train", size, cache_dir=args.cache_dir)
-        train_flows = common.load_split_flows(ds, "train", size, method=config["flow_method"],
-                                              cache_dir=args.cache_dir, workers=args.workers or 0)
+        train_flows = timed_flows(ds, "train", size, config, args)
         if not config["flow_scale"]:
             config["flow_scale"] = estimate_flow_scale(train_flows)
         print(f"flow scale s = {config['flow_scale']:.3f} px/frame at {size[0]}x{size[1]}")
-        train_time_s = train(args, config, train_frames, train_flows, nets, opts, start_epoch, train_time_s)
+        split = TrainingSplit(train_frames, train_flows, args.train_stride, args.device)
+        finished, train_time_s = train(args, config, split, nets, opts, checkpoint, budget, argv_given)
+        del split
+        if not finished:
+            return
+        epochs_done, steps_done = args.epochs, 0
         print(f"training time {train_time_s:.0f}s")
+        opts = None
+        for net in nets.values():
+            net.D = None  # not needed at test time
 
     if not args.test:
         return
@@ -558,38 +815,63 @@ def main(argv=None):
     backbone = common.load_alexnet_features(alexnet, args.backbone_weights) if args.streams != "motion" else "unused"
     for net in nets.values():
         net.eval()  # dropout stays on (AlwaysDropout); instance norm has no running statistics
-    test_flows = common.load_split_flows(ds, "test", size, method=config["flow_method"],
-                                         cache_dir=args.cache_dir, workers=args.workers or 0)
+    G_f2o, G_o2f = nets["f2o"].G, nets["o2f"].G
+    test_flows = timed_flows(ds, "test", size, config, args)
     test_frames = common.load_split_frames(ds, "test", size, cache_dir=args.cache_dir)
-    torch.manual_seed(args.seed)  # the dropout noise z at test time
-    scores, maps = {}, {}
-    t0 = time.time()
+    names = list(test_frames)
+    panels = panels_per_video(names, args.num_panels) if args.num_panels > 0 else None
+    scale = config["flow_scale"]
     with torch.inference_mode():
-        for name in tqdm(test_frames, desc="test videos", leave=False):
-            scores[name], maps[name] = score_video(test_frames[name], test_flows[name], nets["f2o"].G,
-                                                   nets["o2f"].G, alexnet, config["flow_scale"], args)
-    trained = checkpoint["args"] if (checkpoint is not None and not args.train) else common.args_to_dict(args)
+        warm_up(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args)
+        torch.manual_seed(args.seed)  # the dropout noise z at test time
+        t0 = time.time()
+        results = score_videos(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args, panels)
+
+    trained = (f"{epochs_done} epochs" + (f" + {steps_done} steps" if steps_done else "") +
+               ("" if epochs_done >= args.epochs else f" of {args.epochs} (unfinished)"))
+    label = protocol_label(args, backbone)
     protocol = (f"gan_flow {args.streams}, {size[0]}x{size[1]}, ngf {config['ngf']}, ndf {config['ndf']}, "
-                f"epochs {start_epoch if not args.train else args.epochs}, train stride {trained['train_stride']}, "
-                f"batch {trained['batch_size']}, {backbone}, AlexNet input {args.semantic_size}, "
-                f"flow {config['flow_method']}, lambda {args.lambda_motion}")
-    meta = {"method": "gan_flow", "dataset": args.dataset,
-            "protocol": {"normalize": args.normalize or "none", "smooth": args.smooth, "description": protocol},
-            "args": common.args_to_dict(args)}
-    common.write_scores(os.path.join(args.out, "scores.npz"), scores, maps, meta)
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
+                f"trained {trained}, train stride {args.train_stride}, batch {args.batch_size}, "
+                f"jitter {args.jitter}, {backbone}, AlexNet input {args.semantic_size}, "
+                f"flow {config['flow_method']}, lambda {args.lambda_motion}, pixel rule strict (paper); {label}")
+    normalize = args.normalize or "none"
+
+    def meta_for(stream):
+        return {"method": "gan_flow" if stream == args.streams else f"gan_flow_{stream}", "dataset": args.dataset,
+                "protocol": {"normalize": normalize, "smooth": args.smooth},
+                "run_protocol": protocol.replace(f"gan_flow {args.streams}", f"gan_flow {stream}"),
+                "pixel_rule": "strict", "args": common.args_to_dict(args)}
+
+    scores = {name: results[name][args.streams][0] for name in names}
+    maps = {name: results[name][args.streams][1] for name in names}
+    common.write_scores(os.path.join(args.out, "scores.npz"), scores, maps, meta_for(args.streams))
     test_time = time.time() - t0
     num_frames = sum(len(f) for f in test_frames.values())
     test_fps = num_frames / test_time
-    print(f"test: {num_frames} frames in {test_time:.1f}s = {test_fps:.1f} frames/s "
-          f"(cached frames + flows -> scores.npz)")
-    if args.num_panels > 0:
-        n = save_panels(args.out, ds, test_frames, test_flows, scores, maps, nets, config["flow_scale"], args)
+    print(f"test: {num_frames} frames in {test_time:.1f}s = {test_fps:.1f} frames/s (cached frames + flows -> "
+          f"scores.npz, batch {args.test_batch_size}, {args.device}; excludes model load, flow extraction and "
+          f"warm-up)")
+    if panels:
+        n = save_panels(args.out, ds, test_frames, results, args)
         print(f"wrote {n} panels to {os.path.join(args.out, 'panels')}")
-    vad_eval.evaluate_run(args.out, ds, normalize=args.normalize or "none", smooth=args.smooth,
-                          extra={"train_time_s": round(train_time_s, 1), "test_fps": round(test_fps, 1),
-                                 "protocol": protocol})
+
+    extra = {"train_time_s": round(train_time_s, 1), "test_fps": round(test_fps, 1), "run_protocol": protocol}
+    ucsd = vad_eval.evaluate(scores, maps, ds, normalize=normalize, smooth=args.smooth, pixel_rule="ucsd")
+    extra.update(pixel_auc_ucsd=ucsd["pixel_auc"], pixel_eer_ucsd=ucsd["pixel_eer"])
+    if args.streams == "both":  # the paper's fusion analysis (section 5.1) from the same pass
+        extra["streams"] = {}
+        for stream in ("motion", "appearance"):
+            stream_scores = {name: results[name][stream][0] for name in names}
+            stream_maps = {name: results[name][stream][1] for name in names}
+            common.write_scores(os.path.join(args.out, f"scores_{stream}.npz"), stream_scores, stream_maps,
+                                meta_for(stream))
+            r = vad_eval.evaluate(stream_scores, stream_maps, ds, normalize=normalize, smooth=args.smooth,
+                                  pixel_rule="strict")
+            extra["streams"][stream] = {key: r[key] for key in ("frame_auc_micro", "frame_auc_macro", "frame_eer",
+                                                                "pixel_auc", "pixel_eer", "events")}
+            print(f"  {stream} only: frame AUC {r['frame_auc_micro']:.3f} micro, EER {r['frame_eer']:.3f}, pixel AUC "
+                  f"{r['pixel_auc'] if r['pixel_auc'] is None else round(r['pixel_auc'], 3)} (strict rule)")
+    vad_eval.evaluate_run(args.out, ds, normalize=normalize, smooth=args.smooth, pixel_rule="strict", extra=extra)
 
 
 if __name__ == "__main__":
