@@ -30,6 +30,15 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   their pools / deconvolutions ("the last two layers of the encoder and the corresponding decoder layers").
   De-convolutions are ConvTranspose3d(3x3x3, stride 1, padding 1): padding 1 is exactly "cropping out the
   boundary of the output to keep the same size" of Hasan et al.
+- Speed of the 6-layer net (Table VII: 729.4 vs 467.5 frames/s, 1.56x). `conv_macs` counts the multiply-adds
+  per 16x224x224 clip: 37.8 G for our 10-layer net and 34.7 G for the 6-layer one, a ratio of only 1.09,
+  because the 2x2x2 pools leave conv4 / conv5 (and their de-convolutions) 1/64 and 1/512 of conv1's voxels.
+  C3D's widths (64, 128, 256, 512, 512) give 1.20; no width sequence that at most doubles per stage gets
+  near 1.56 (it needs conv4 = conv5 ~ 576 channels after conv3 = 128), and the paper gives no widths, so we
+  keep ours rather than invent wider deep layers to match a speed figure. The paper's ratio is close to
+  the ratio of layer counts (10 / 6 = 1.67), which is what a launch-bound measurement (small batches,
+  per-layer overhead) gives. A GPU run should report both: frames/s of `--layers 6` vs 10 at 224x224 at the
+  default test batch (compute-bound; expect ~1.1x) and at `--test-batch-size 1` (launch-bound).
 - Initialisation (not in the paper): Xavier-uniform (tanh gain), zero biases, and the last (linear)
   de-convolution starts at zero, i.e. the first reconstruction is the mean image. PyTorch's default init
   sizes a transposed convolution by its output channels and starts the 1-channel output layer at std ~2
@@ -42,18 +51,21 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   over the batch. Eq. 8/10/12 as printed contain sign typos (log D on both terms would train D to say "real"
   to everything); we implement the GAN of Goodfellow et al. [16] that Theorem 3 and the reported loss level
   of 2 ln 2 refer to: L_D = -log D(S) - log(1 - D(R(S + eta))), and for the auto-encoder the adversarial term
-  -log D(R(S + eta)), whose gradient is exactly eq. 11's lambda / D(R) dD/dtheta. Algorithm 1 updates theta
-  and phi from the same forward pass (simultaneous updates), which is what `train_step` does.
+  -log D(R(S + eta)). Its gradient, -lambda / D(R) dD/dtheta, is eq. 11's second term with the opposite sign:
+  descending eq. 11 as printed would make the reconstructions look less real to D, so we follow the stated
+  intent (the generator "aims at reconstructing realistic videos to confuse the discriminator"). Algorithm 1
+  updates theta and phi from the same forward pass (simultaneous updates), which is what `train_step` does;
+  D sees the real and the reconstructed clips in one call (D has no BatchNorm, so this is exact).
 - lambda is not given: default 1 (`--lambda-adv`). With L_rec summed over the clip's pixels this keeps the
   reconstruction term dominant and the adversarial term a regulariser.
-- Training clips (Hasan et al. [12] augmentation): from every training video, 16-frame clips taking every
-  k-th frame for skip strides k = 1, 2, 3 (`--skip-strides`), starting at every `--train-step`-th frame
-  (default 1, i.e. every clip). Epochs (20) and batch size (16) are not in the paper.
-- Test clips and aggregation: 16-frame clips with start step `--test-stride` (default 16: the paper's "one
+- Training clips (Hasan et al. [12] augmentation): from every training video, `--clip-len` (16) frame clips
+  taking every k-th frame for skip strides k = 1, 2, 3 (`--skip-strides`), starting at every `--train-step`-th
+  frame (default 1, i.e. every clip). Epochs (20) and batch size (16) are not in the paper.
+- Test clips and aggregation: clips with start step `--test-stride` (default the clip length: the paper's "one
   forward pass", each frame reconstructed once; the last clip of a video is aligned to its end, so the few
   frames in two clips get the mean of both). With a smaller stride every frame lies in several clips and its
   per-pixel squared error is the mean over those clips. e_t is the mean of that per-pixel error over the
-  frame. Every frame is scored (no NaN); a video shorter than 16 frames is padded by repeating its last frame.
+  frame. Every frame is scored (no NaN); a video shorter than a clip is padded by repeating its last frame.
 - scores.npz holds s_t of eq. 14 (already normalised per video by this script), so eval.py is called with
   normalize="none"; the raw e_t are written next to it in raw_errors.npz. Maps: the per-pixel squared error
   averaged over `--map-pool` x `--map-pool` blocks (default 4: 56x56 maps at 224x224 input) to keep
@@ -64,28 +76,57 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   std of each channel. Both streams are trained on the same clips. "Combine" (the paper gives no formula):
   s_t = (s_t^rgb + s_t^flow) / 2, each normalised by eq. 14 first, since raw errors of the two streams have
   unrelated scales; maps likewise (each divided by its stream's max_t e_t, averaged).
+- metrics.json's "run_protocol" string says "paper settings" only when every setting the paper gives is at its
+  value (size, clip length, noise, lr, skip strides, test stride); otherwise it starts with "changed from the
+  paper:" and names each change; it always lists our choices for what the paper does not give (epochs,
+  batch, lambda, widths, clip start step). Test-only runs (`--test` on an existing model.pt) take every
+  training setting from the checkpoint and warn when the command line disagrees.
+
+Running on a GPU
+----------------
+- Training: the whole training split is held on the GPU as uint8 (flow as float16) when it fits in half the
+  free memory, and clips are gathered there; the epoch's shuffled order is copied once per epoch, losses are
+  summed on the device and checked for NaN/inf every 50 steps and at the end of each epoch (one host sync
+  each), not every step.
+- `--max-minutes M`: after M minutes training stops at the next step boundary, writes model.pt (weights,
+  optimisers, the position within the epoch and the epoch's shuffled order, the RNG states of torch, numpy,
+  Python and the shuffling generator), prints the command that continues (`--resume`) and exits without
+  testing. Slices resumed this way end with the same weights as one uninterrupted run (bit for bit on CPU).
+- Test: all clips of the split stream through batches of one shape (`--test-batch-size`; the last batch is
+  padded by repeating its last clip, and the padded rows are dropped), copied to the GPU from reused pinned
+  buffers one batch ahead (common.prefetch_to_device); per-frame errors and maps are accumulated on the GPU
+  and copied back once for the whole split. A warm-up batch of the same shape runs before the timer, so
+  cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
+  reconstruction, error maps, eq. 14, writing scores.npz), not model load, warm-up or evaluation.
+- bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
+  both of order 0.05 after mean subtraction, and bf16's ~0.4% relative precision is of the order of the
+  normal-vs-abnormal error gap; it has not been measured to change no metric by more than 0.1 point.
+- `--channels-last` (channels_last_3d) is opt-in as well: it has not been measured on a GPU yet (with one
+  input channel and max-pooling indices it may not pay); scores are the same either way (tested on CPU).
 
 Deviations from the paper
 -------------------------
 - Section III-B says "all 3D convolution kernels are 3x3x3 ... except that the kernel of the first
   convolutional layer is 1x2x2", repeated by the next sentence about pooling. A 1x2x2 stride-1 convolution
   would change the frame size by one pixel and break the symmetric unpooling; we read it as a duplication
-  typo and use 3x3x3 everywhere (as C3D, which the sentence cites, and as the task's issue says).
+  typo and use 3x3x3 everywhere (as C3D, which the sentence cites).
 - `--dataset synthetic` defaults (CPU demo, < 3 minutes on 2 cores): 64x96 input (the 120x180 frames'
   aspect), 2 epochs, batch 4, training clip start step 16 (96 clips per epoch), maps pooled by 2 (32x48).
   Real datasets keep the paper's 224x224.
-- Reduced CPU runs on real data (see README) are labelled "reduced" in metrics.json's protocol string.
 
 Usage
 -----
     python adv3dae.py --dataset synthetic                          # CPU demo: train + test + metrics
-    python adv3dae.py --dataset ped2 --data-root ../shared/data    # paper protocol (GPU)
+    python adv3dae.py --dataset ped2 --data-root ../shared/data    # paper settings (GPU)
+    python adv3dae.py --dataset ped2 --data-root ../shared/data --train --max-minutes 8   # one training slice
+    python adv3dae.py --dataset ped2 --data-root ../shared/data --train --max-minutes 8 --resume   # the next
     python adv3dae.py --dataset ped2 --data-root ../shared/data --test          # test a trained model.pt
+    python adv3dae.py --dataset ped2 --image-size 64 96            # reduced input size (named in metrics.json)
     python adv3dae.py --dataset ped2 --layers 6                    # Table VII shallow net
     python adv3dae.py --dataset ped2 --no-gan                      # Table V ablation
     python adv3dae.py --dataset ped2 --no-noise                    # Table VI ablation
     python adv3dae.py --dataset ped2 --flow                        # Table IX RGB + optical flow
-    python adv3dae.py --dataset ped2 --amp --test-batch-size 128        # fast bf16 test on CUDA
+    python adv3dae.py --dataset ped2 --amp --test-batch-size 128   # bf16 test on CUDA (opt-in, see above)
 """
 
 import os
@@ -101,10 +142,15 @@ import common
 import eval as vad_eval
 
 METHOD = "adv3dae"
-CLIP_LEN = 16                          # frames per clip (section IV-C)
+CLIP_LEN = 16                          # frames per clip (section IV-C; --clip-len)
 PAPER_SIZE = (224, 224)                # gray frames resized to 224x224 (section IV-C)
 DEFAULT_CHANNELS = (32, 64, 128, 128, 128)   # not in the paper: see the docstring
-ARCHITECTURE_KEYS = ("size", "layers", "channels", "no_gan", "flow")   # test-only runs take these from model.pt
+# Settings a test-only run takes from model.pt (it reports them and builds the net from them).
+TRAINING_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "no_noise", "noise_sigma", "lambda_adv",
+                 "flow", "flow_method", "epochs", "batch_size", "lr", "train_step", "skip_strides", "protocol_note")
+# Settings that fix the shapes of the weights: a --resume must not change them.
+ARCHITECTURE_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "flow")
+LOSS_CHECK_EVERY = 50                  # steps between the NaN/inf checks of the summed losses (one host sync)
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -209,6 +255,25 @@ class Adv3DAE(nn.Module):
         """R_theta(S + eta) in training mode, R_theta(S) in eval mode."""
         code, switches = self.encode(self.noise(x))
         return self.decode(code, switches)
+
+
+def conv_macs(in_channels: int, channels, layers: int, clip_len: int, size) -> list:
+    """Multiply-adds of every (de)convolution of Adv3DAE for one (clip_len, H, W) clip, in forward order
+    [(name, macs)]. A 3x3x3 layer costs 27 C_in C_out per output voxel; de-convolution i runs at the size of
+    conv i's output. Pools, BN, tanh and unpooling are not counted (memory-bound, small FLOPs)."""
+    num_convs = layers // 2
+    widths = (in_channels,) + tuple(int(c) for c in channels)[:num_convs]
+    t, h, w = clip_len, size[0], size[1]
+    voxels = []
+    for i in range(num_convs):
+        voxels.append(t * h * w)
+        if i == 0:
+            h, w = h // 2, w // 2              # pool1 is 1x2x2
+        else:
+            t, h, w = t // 2, h // 2, w // 2
+    encoder = [(f"conv{i + 1}", 27 * widths[i] * widths[i + 1] * voxels[i]) for i in range(num_convs)]
+    decoder = [(f"deconv{i + 1}", 27 * widths[i + 1] * widths[i] * voxels[i]) for i in reversed(range(num_convs))]
+    return encoder + decoder
 
 
 class Discriminator3D(nn.Module):
@@ -321,21 +386,57 @@ def gather_clips(videos: list, specs: np.ndarray, clip_len: int = CLIP_LEN) -> n
     return out
 
 
+class DeviceSplit:
+    """A whole split held on the compute device: the videos concatenated into one tensor (uint8 frames or
+    float16 flows) plus each video's offset and length, so a batch of clips is one indexing op there."""
+
+    def __init__(self, videos: list, device):
+        lengths = [len(v) for v in videos]
+        dtype = torch.from_numpy(np.asarray(videos[0][:1])).dtype
+        self.frames = torch.empty((sum(lengths),) + videos[0].shape[1:], dtype=dtype, device=device)
+        at = 0
+        for v in videos:                                  # one video at a time: no whole-split host copy
+            self.frames[at:at + len(v)] = common.to_device(np.asarray(v), device)
+            at += len(v)
+        self.offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64, device=device)
+        self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+
+    def gather(self, specs: torch.Tensor, clip_len: int) -> torch.Tensor:
+        """specs: (B, 3) int64 (video, start, skip) on the device -> (B, clip_len, ...), clamped like gather_clips."""
+        v, start, skip = specs[:, 0], specs[:, 1:2], specs[:, 2:3]
+        idx = start + skip * torch.arange(clip_len, device=specs.device)[None]
+        idx = torch.minimum(idx, (self.lengths[v] - 1)[:, None]) + self.offsets[v][:, None]
+        return self.frames[idx]
+
+    @staticmethod
+    def fits(videos: list, device, fraction: float = 0.5) -> bool:
+        """True on CUDA when the split takes at most `fraction` of the free device memory."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return sum(np.asarray(v[:1]).nbytes * len(v) for v in videos) <= fraction * free
+
+
 class FrameStream:
     """Gray frames -> network input (B, 1, L, H, W): x / 255 minus the training mean image (section IV-C)."""
     name = "rgb"
     in_channels = 1
+    CHUNK = 256                                 # frames summed at a time by fit_stats
 
     def __init__(self, mean_image: torch.Tensor):
         self.mean_image = mean_image            # (H, W) float32 in [0, 1]
 
     @staticmethod
     def fit_stats(train_frames: list) -> dict:
-        total = sum(len(f) for f in train_frames)
-        acc = None
+        """The training mean image. Sums uint8 frames exactly in int64, CHUNK frames at a time (a whole
+        Avenue video in float64 would be ~0.5 GB)."""
+        total, acc = 0, None
         for f in train_frames:
-            s = np.asarray(f, dtype=np.float64).sum(0)
-            acc = s if acc is None else acc + s
+            for i in range(0, len(f), FrameStream.CHUNK):
+                s = np.asarray(f[i:i + FrameStream.CHUNK]).sum(0, dtype=np.int64)
+                acc = s if acc is None else acc + s
+            total += len(f)
         return {"mean_image": torch.from_numpy((acc / total / 255.0).astype(np.float32))}
 
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
@@ -349,6 +450,7 @@ class FlowStream:
     training mean flow image, divided by the training std of each channel. Frame t uses flow t -> t+1."""
     name = "flow"
     in_channels = 3
+    CHUNK = 64                                  # flows accumulated at a time by fit_stats
 
     def __init__(self, mean_image: torch.Tensor, channel_std: torch.Tensor):
         self.mean_image, self.channel_std = mean_image, channel_std   # (H, W, 3), (3,)
@@ -356,13 +458,14 @@ class FlowStream:
     @staticmethod
     def fit_stats(train_flows: list) -> dict:
         n, acc, acc2 = 0, None, np.zeros(3)
-        for f in train_flows:
-            f = np.asarray(f, dtype=np.float32)
-            f3 = np.concatenate([f, np.sqrt((f ** 2).sum(-1, keepdims=True))], -1)
-            s = f3.astype(np.float64).sum(0)
-            acc = s if acc is None else acc + s
-            acc2 += (f3.astype(np.float64) ** 2).sum((0, 1, 2))
-            n += len(f)
+        for flows in train_flows:
+            for i in range(0, len(flows), FlowStream.CHUNK):
+                f = np.asarray(flows[i:i + FlowStream.CHUNK], dtype=np.float64)
+                f3 = np.concatenate([f, np.sqrt((f ** 2).sum(-1, keepdims=True))], -1)
+                s = f3.sum(0)
+                acc = s if acc is None else acc + s
+                acc2 += (f3 ** 2).sum((0, 1, 2))
+                n += len(f)
         mean_image = acc / n                                     # (H, W, 3)
         pixels = n * mean_image.shape[0] * mean_image.shape[1]
         var = acc2 / pixels - mean_image.mean((0, 1)) ** 2       # per-channel variance over all pixels
@@ -377,98 +480,129 @@ class FlowStream:
         return f.permute(0, 4, 1, 2, 3).contiguous()
 
 
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+
+
 # ----------------------------------------------------------------------------------------------- training
 
-def build_models(args, in_channels: int, size, device):
+def build_models(args, in_channels: int, device):
     ae = Adv3DAE(in_channels, args.channels, args.layers, 0.0 if args.no_noise else args.noise_sigma).to(device)
-    disc = None if args.no_gan else Discriminator3D(in_channels, CLIP_LEN, size).to(device)
+    disc = None if args.no_gan else Discriminator3D(in_channels, args.clip_len, args.image_size).to(device)
+    if args.channels_last:
+        ae = ae.to(memory_format=torch.channels_last_3d)
+        disc = None if disc is None else disc.to(memory_format=torch.channels_last_3d)
     opt_ae = torch.optim.RMSprop(ae.parameters(), lr=args.lr)
     opt_d = None if disc is None else torch.optim.RMSprop(disc.parameters(), lr=args.lr)
     return {"ae": ae, "disc": disc, "opt_ae": opt_ae, "opt_d": opt_d}
 
 
-def train_step(ae, disc, opt_ae, opt_d, x, lambda_adv: float, amp: bool = False, where: str = "") -> dict:
+def train_step(ae, disc, opt_ae, opt_d, x, lambda_adv: float, amp: bool = False) -> dict:
     """One iteration of Algorithm 1 on the clean clips x: R = R_theta(x + eta) (noise inside ae in train
     mode); theta descends L_R = L_rec + lambda L_adv, phi descends L_D (= ascends eq. 12), both from the same
-    forward pass (simultaneous update)."""
+    forward pass (simultaneous update). D runs once on [x, R] stacked: D has no BatchNorm, so each clip's
+    logit is what a separate call gives, and phi's gradient of L_D is the same with or without detaching R
+    (only theta's would differ, and L_D is not back-propagated into theta). Returns the losses as detached
+    device tensors (no host sync)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         recon = ae(x)
         loss_rec = reconstruction_loss(recon, x)
         if disc is not None:
-            loss_adv = adversarial_loss(disc(recon))
-            loss_d = discriminator_loss(disc(x), disc(recon.detach()))
+            logits = disc(torch.cat([x, recon]))
+            real_logits, fake_logits = logits[:len(x)], logits[len(x):]
+            loss_adv = adversarial_loss(fake_logits)
+            loss_d = discriminator_loss(real_logits, fake_logits)
             loss_r = loss_rec + lambda_adv * loss_adv
         else:
-            loss_adv = loss_d = None
             loss_r = loss_rec
-    common.check_finite(loss_r, f"{where} (auto-encoder loss)")
-    if loss_d is not None:
-        common.check_finite(loss_d, f"{where} (discriminator loss)")
     opt_ae.zero_grad(set_to_none=True)
-    loss_r.backward(inputs=list(ae.parameters()))
+    loss_r.backward(inputs=list(ae.parameters()), retain_graph=disc is not None)
     if disc is not None:
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward(inputs=list(disc.parameters()))
     opt_ae.step()
     if disc is not None:
         opt_d.step()
-    out = {"rec": loss_rec.item()}
+    out = {"rec": loss_rec.detach()}
     if disc is not None:
-        out.update(adv=loss_adv.item(), d=loss_d.item())
+        out.update(adv=loss_adv.detach(), d=loss_d.detach())
     return out
 
 
-def to_device(array: np.ndarray, device) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-def train(args, ds, streams: dict, sources: dict, models: dict, start_epoch: int, stats: dict,
-          previous_time: float = 0.0) -> float:
-    """Train every stream (rgb, and flow with --flow) on the same strided clips. Returns the total training
-    wall time in seconds (including `previous_time` of a resumed run)."""
+def train(args, ds, streams: dict, sources: dict, models: dict, stats: dict, state: dict | None,
+          budget: common.TimeBudget, argv) -> tuple:
+    """Train every stream (rgb, and flow with --flow) on the same strided clips, from the beginning or from
+    the position saved in `state`. Returns (total training seconds, finished): finished is False when the
+    --max-minutes budget ran out (the checkpoint then holds the position within the epoch)."""
     num_frames = [len(sources["rgb"][v]) for v in range(len(ds.train))]
-    specs = training_clip_specs(num_frames, CLIP_LEN, args.skip_strides, args.train_step)
+    specs = training_clip_specs(num_frames, args.clip_len, args.skip_strides, args.train_step)
     if len(specs) == 0:
-        raise common.DataError(f"{ds.root}: no training video has {CLIP_LEN} frames for a clip")
+        raise common.DataError(f"{ds.root}: no training video has {args.clip_len} frames for a clip")
+    device = args.device
+    on_device = {n: DeviceSplit(sources[n], device) for n in streams if DeviceSplit.fits(sources[n], device)}
     print(f"training clips: {len(specs)} (skip strides {tuple(args.skip_strides)}, start step {args.train_step}),"
-          f" {len(ds.train)} videos, input {args.size[0]}x{args.size[1]}, streams {list(streams)}")
-    rng = np.random.default_rng(args.seed + start_epoch)
-    amp = args.amp and args.device.type == "cuda"
+          f" {len(ds.train)} videos, input {args.clip_len}x{args.image_size[0]}x{args.image_size[1]},"
+          f" streams {list(streams)}; held on the device: {list(on_device) or 'none (gathered from the frame cache)'}")
+    specs_dev = torch.from_numpy(specs).to(device)
+    shuffle = np.random.default_rng(args.seed)            # the clip order of every epoch
+    start_epoch, start_step, order, previous_time = 0, 0, None, 0.0
+    if state is not None:
+        common.set_rng_state(state["rng"], {"shuffle": shuffle})
+        start_epoch, start_step = state["progress"]["epoch"], state["progress"]["step"]
+        order = None if state["order"] is None else state["order"].numpy()
+        previous_time = float(state["train_time_s"])
+    amp = args.amp and device.type == "cuda"
     for m in models.values():
         m["ae"].train()
         if m["disc"] is not None:
             m["disc"].train()
+    monitor = common.LossMonitor(every=LOSS_CHECK_EVERY)
+    ckpt_path = os.path.join(args.out, "model.pt")
     t_start = time.time()
+    elapsed = lambda: previous_time + time.time() - t_start
+    num_batches = -(-len(specs) // args.batch_size)
     for epoch in range(start_epoch, args.epochs):
-        order = rng.permutation(len(specs))
-        batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        sums = {name: {} for name in streams}
+        if order is None:                                  # a resumed epoch keeps the order it was cut in
+            order = shuffle.permutation(len(specs))
+        order_dev = torch.from_numpy(order).to(device)     # one copy per epoch
+        first = start_step if epoch == start_epoch else 0
         t0 = time.time()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for step, b in enumerate(bar):
-            batch_specs = specs[b]
+        for step in tqdm(range(first, num_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
+            rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
+            where = f"epoch {epoch + 1} step {step + 1}"
             for name, stream in streams.items():
-                raw = gather_clips(sources[name], batch_specs, CLIP_LEN)
-                x = stream.to_input(to_device(raw, args.device))
+                if name in on_device:
+                    raw = on_device[name].gather(specs_dev[order_dev[rows]], args.clip_len)
+                else:
+                    raw = common.to_device(gather_clips(sources[name], specs[order[rows]], args.clip_len), device)
+                x = to_memory_format(stream.to_input(raw), args.channels_last)
                 m = models[name]
-                losses = train_step(m["ae"], m["disc"], m["opt_ae"], m["opt_d"], x, args.lambda_adv, amp,
-                                    where=f"epoch {epoch + 1} step {step} stream {name}")
-                for k, v in losses.items():
-                    sums[name][k] = sums[name].get(k, 0.0) + v
-            bar.set_postfix({f"{n}_{k}": f"{v / (step + 1):.4g}" for n, d in sums.items() for k, v in d.items()})
-        summary = "  ".join(f"{n}: " + " ".join(f"L_{k}={v / len(batches):.5g}" for k, v in d.items())
-                            for n, d in sums.items())
-        print(f"epoch {epoch + 1}/{args.epochs}  {summary}  ({time.time() - t0:.1f}s, {len(specs)} clips)")
-        save_model(args, models, epoch, stats, previous_time + time.time() - t_start)
-    return previous_time + time.time() - t_start
+                losses = train_step(m["ae"], m["disc"], m["opt_ae"], m["opt_d"], x, args.lambda_adv, amp)
+                monitor.add(f"{where} stream {name}", **{f"{name}_{k}": v for k, v in losses.items()})
+            if budget.expired() and step + 1 < num_batches:
+                monitor.check(where)                       # never save non-finite weights
+                save_model(args, models, stats, {"epoch": epoch, "step": step + 1}, order, shuffle, elapsed())
+                common.report_time_stop(__file__, argv, ckpt_path, f"epoch {epoch + 1} step {step + 1}/{num_batches}",
+                                        budget)
+                return elapsed(), False
+        means = monitor.means(f"end of epoch {epoch + 1}")
+        summary = "  ".join(f"L_{k}={v:.5g}" for k, v in means.items())
+        print(f"epoch {epoch + 1}/{args.epochs}  {summary}  ({time.time() - t0:.1f}s, steps {first + 1}-{num_batches}"
+              f" of {num_batches}, {len(specs)} clips)")
+        order = None
+        save_model(args, models, stats, {"epoch": epoch + 1, "step": 0}, None, shuffle, elapsed())
+        if budget.expired() and epoch + 1 < args.epochs:
+            common.report_time_stop(__file__, argv, ckpt_path, f"end of epoch {epoch + 1}/{args.epochs}", budget)
+            return elapsed(), False
+    return elapsed(), True
 
 
-def save_model(args, models: dict, epoch: int, stats: dict, train_time_s: float) -> None:
-    state = {"epoch": epoch, "args": common.args_to_dict(args), "stats": stats, "train_time_s": float(train_time_s),
-             "streams": {}}
+def save_model(args, models: dict, stats: dict, progress: dict, order, shuffle, train_time_s: float) -> None:
+    """model.pt (atomic): weights, optimisers, where training stands (`progress`: the next epoch and step;
+    `order`: the clip order of the epoch in progress), the RNG states and the settings."""
+    state = {"progress": progress, "order": None if order is None else torch.from_numpy(np.asarray(order)),
+             "rng": common.get_rng_state({"shuffle": shuffle}), "args": common.args_to_dict(args), "stats": stats,
+             "train_time_s": float(train_time_s), "streams": {}}
     for name, m in models.items():
         state["streams"][name] = {
             "ae": m["ae"].state_dict(), "opt_ae": m["opt_ae"].state_dict(),
@@ -495,43 +629,49 @@ def load_model(models: dict, state: dict, with_optim: bool) -> None:
 
 @torch.inference_mode()
 def score_videos(ae: Adv3DAE, stream, sources: list, num_frames: list, args, desc: str = "test"):
-    """Reconstruct every test clip (batches of `--test-batch-size` clips that may span videos) and return, per
-    video, e (T,) = mean per-pixel squared error of each frame averaged over the clips containing it
-    (eq. 13), and the per-pixel squared error map pooled by `--map-pool` (T, H/p, W/p), same averaging."""
-    device = args.device
+    """Reconstruct every test clip and return, per video, e (T,) = mean per-pixel squared error of each frame
+    averaged over the clips containing it (eq. 13), and the per-pixel squared error map pooled by `--map-pool`
+    (T, H/p, W/p), same averaging. The clips of all videos stream through batches of exactly
+    `--test-batch-size` clips (the last one padded by repeating its last clip; padded rows are dropped before
+    accumulation); sums are kept on the device and copied back once."""
+    device, clip_len, batch, p = args.device, args.clip_len, args.test_batch_size, args.map_pool
     ae.eval()
     amp = args.amp and device.type == "cuda"
-    clips = [(v, int(s)) for v, t in enumerate(num_frames) for s in test_clip_starts(t, CLIP_LEN, args.test_stride)]
-    err_sum, map_sum, count = {}, {}, {}
-    p = args.map_pool
-    for i in tqdm(range(0, len(clips), args.test_batch_size), desc=desc, leave=False):
-        chunk = clips[i:i + args.test_batch_size]
-        specs = np.array([(v, s, 1) for v, s in chunk], dtype=np.int64)
-        raw = gather_clips(sources, specs, CLIP_LEN)
-        x = stream.to_input(to_device(raw, device))
+    clips = np.array([(v, s, 1) for v, t in enumerate(num_frames) for s in test_clip_starts(t, clip_len, args.test_stride)],
+                     dtype=np.int64).reshape(-1, 3)
+    lengths = np.asarray(num_frames, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    # global frame index of every clip position (short videos: padding positions -> their last frame)
+    frame_index = np.minimum(clip_frame_indices(clips, clip_len), lengths[clips[:, 0], None] - 1) \
+        + offsets[clips[:, 0], None]
+    count = np.bincount(frame_index.ravel(), minlength=int(lengths.sum())).astype(np.float64)
+    frame_index_dev = common.to_device(frame_index, device)
+    h, w = args.image_size
+    err_sum = torch.zeros(int(lengths.sum()), device=device)
+    map_sum = torch.zeros((int(lengths.sum()), h // p, w // p), device=device)
+
+    def host_batches():
+        for i in range(0, len(clips), batch):
+            yield common.pad_batch(gather_clips(sources, clips[i:i + batch], clip_len), batch)[0]
+
+    starts = range(0, len(clips), batch)
+    for i, raw in tqdm(zip(starts, common.prefetch_to_device(host_batches(), device)), total=len(starts),
+                       desc=desc, leave=False):
+        n = min(batch, len(clips) - i)                                  # real (unpadded) clips in this batch
+        x = to_memory_format(stream.to_input(raw), args.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             recon = ae(x)
-        sq = (recon.float() - x).pow(2).mean(1)                       # (B, L, H, W), mean over channels
-        frame_err = sq.mean((2, 3))                                    # (B, L): e_t within each clip
-        b, l, h, w = sq.shape
-        pooled = F.avg_pool2d(sq.reshape(b * l, 1, h, w), p).reshape(b, l, h // p, w // p) if p > 1 else sq
-        idx = torch.from_numpy(clip_frame_indices(specs, CLIP_LEN)).to(device)
-        for v in sorted(set(specs[:, 0].tolist())):
-            rows = torch.from_numpy(np.nonzero(specs[:, 0] == v)[0]).to(device)
-            t = num_frames[v]
-            if v not in err_sum:
-                err_sum[v] = torch.zeros(t, device=device)
-                map_sum[v] = torch.zeros((t,) + pooled.shape[2:], device=device)
-                count[v] = torch.zeros(t, device=device)
-            fi = idx[rows].clamp_(max=t - 1).flatten()                 # short videos: padding frames -> last
-            err_sum[v].index_add_(0, fi, frame_err[rows].flatten())
-            map_sum[v].index_add_(0, fi, pooled[rows].flatten(0, 1))
-            count[v].index_add_(0, fi, torch.ones_like(fi, dtype=torch.float32))
-    errors, maps = [], []
-    for v in range(len(num_frames)):
-        c = count[v].clamp(min=1)
-        errors.append((err_sum[v] / c).cpu().numpy().astype(np.float32))
-        maps.append((map_sum[v] / c[:, None, None]).cpu().numpy().astype(np.float32))
+        sq = (recon.float() - x).pow(2).mean(1)[:n]                     # (n, L, H, W), mean over channels
+        frame_err = sq.mean((2, 3))                                     # (n, L): e_t within each clip
+        pooled = F.avg_pool2d(sq.reshape(n * clip_len, 1, h, w), p).reshape(n, clip_len, h // p, w // p) \
+            if p > 1 else sq
+        idx = frame_index_dev[i:i + n].flatten()
+        err_sum.index_add_(0, idx, frame_err.flatten())
+        map_sum.index_add_(0, idx, pooled.flatten(0, 1))
+    err_all = err_sum.cpu().numpy() / count                              # the one host sync
+    map_all = map_sum.cpu().numpy() / count[:, None, None]
+    errors = [err_all[o:o + t].astype(np.float32) for o, t in zip(offsets, lengths)]
+    maps = [map_all[o:o + t].astype(np.float32) for o, t in zip(offsets, lengths)]
     return errors, maps
 
 
@@ -549,53 +689,128 @@ def combine_streams(errors: dict, maps: dict, num_videos: int):
 
 # ----------------------------------------------------------------------------------------------- main
 
-def parse_csv_ints(text: str) -> tuple:
-    return tuple(int(x) for x in str(text).split(",") if x.strip())
-
-
-def main(argv=None):
+def build_arg_parser():
     parser = common.build_parser(METHOD, __doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_csv_ints, default=None,
-                        help="input H,W (default 224,224 as in the paper; 64,64 for synthetic)")
+    parser.add_argument("--clip-len", type=int, default=CLIP_LEN,
+                        help="frames per clip (paper 16); a multiple of 8 for 10 layers, of 2 for 6")
     parser.add_argument("--layers", type=int, choices=(10, 6), default=10,
                         help="10 (Fig. 2) or 6 (Table VII: conv4, conv5 and their decoder layers removed)")
-    parser.add_argument("--channels", type=parse_csv_ints, default=DEFAULT_CHANNELS,
-                        help="encoder conv widths, comma separated (not in the paper; default 32,64,128,128,128)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="C",
+                        help="encoder conv widths (not in the paper; default 32 64 128 128 128)")
     parser.add_argument("--noise-sigma", type=float, default=0.005, help="training input noise std (paper 0.005)")
     parser.add_argument("--no-noise", action="store_true", help="Table VI ablation: no input noise")
     parser.add_argument("--no-gan", action="store_true", help="Table V ablation: no discriminator / L_adv")
     parser.add_argument("--lambda-adv", type=float, default=1.0, help="lambda of eq. 9 (not in the paper)")
     parser.add_argument("--flow", action="store_true", help="Table IX: add an optical-flow auto-encoder")
     parser.add_argument("--flow-method", default="farneback", help="common.load_flows method")
-    parser.add_argument("--skip-strides", type=parse_csv_ints, default=(1, 2, 3),
-                        help="Hasan et al.'s temporal skip strides for training clips")
+    parser.add_argument("--skip-strides", type=int, nargs="+", default=None, metavar="K",
+                        help="Hasan et al.'s temporal skip strides for training clips (default 1 2 3)")
     parser.add_argument("--train-step", type=int, default=None,
                         help="start step between training clips (default 1; 16 for synthetic)")
-    parser.add_argument("--test-stride", type=int, default=CLIP_LEN,
-                        help="start step between test clips; < 16 averages overlapping clips")
+    parser.add_argument("--test-stride", type=int, default=None,
+                        help="start step between test clips (default the clip length); smaller averages overlapping clips")
     parser.add_argument("--test-batch-size", type=int, default=None,
-                        help="clips per test batch (default 64 on CUDA, 8 on CPU)")
+                        help="clips per test batch, every batch this shape (default 64 on CUDA, 8 on CPU)")
     parser.add_argument("--map-pool", type=int, default=None,
                         help="average-pool factor of the error maps (default 4; 2 for synthetic)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last_3d memory format for the nets and inputs (opt-in, see the docstring)")
     parser.add_argument("--protocol-note", default="",
-                        help="free text appended to metrics.json's protocol (e.g. 'reduced: ...')")
-    args = common.parse_args(parser, argv)
+                        help="free text appended to metrics.json's protocol (e.g. why a setting is reduced)")
+    return parser
 
+
+def fill_defaults(args) -> None:
+    """Script defaults (the paper's on real data, the CPU demo's on synthetic) for what is still unset, then
+    the shape checks (after a test-only run has taken the architecture from the checkpoint)."""
     synthetic = args.dataset == "synthetic"
-    args.size = tuple(args.size) if args.size else ((64, 96) if synthetic else PAPER_SIZE)
+    args.image_size = tuple(args.image_size) if args.image_size else ((64, 96) if synthetic else PAPER_SIZE)
+    args.channels = tuple(args.channels) if args.channels else DEFAULT_CHANNELS
+    args.skip_strides = tuple(args.skip_strides) if args.skip_strides else (1, 2, 3)
     args.epochs = args.epochs if args.epochs is not None else (2 if synthetic else 20)
     args.batch_size = args.batch_size if args.batch_size is not None else (4 if synthetic else 16)
     args.lr = args.lr if args.lr is not None else 2e-4
     args.train_step = args.train_step if args.train_step is not None else (16 if synthetic else 1)
+    args.test_stride = args.test_stride if args.test_stride is not None else args.clip_len
     args.map_pool = args.map_pool if args.map_pool is not None else (2 if synthetic else 4)
     args.test_batch_size = args.test_batch_size or (64 if args.device.type == "cuda" else 8)
-    args.channels = tuple(args.channels)
-    args.skip_strides = tuple(args.skip_strides)
-    num_pools = args.layers // 2 - 1
-    if args.size[0] % (2 ** num_pools) or args.size[1] % (2 ** num_pools) or args.size[0] % args.map_pool \
-            or args.size[1] % args.map_pool:
-        raise common.DataError(f"--size {args.size}: H and W must be divisible by {2 ** num_pools} (pools) and by"
-                               f" --map-pool {args.map_pool}")
+    num_convs = args.layers // 2
+    spatial, temporal = 2 ** (num_convs - 1), 2 ** (num_convs - 2)      # pool1 is 1x2x2, the others 2x2x2
+    h, w = args.image_size
+    if h % spatial or w % spatial or h % args.map_pool or w % args.map_pool:
+        raise common.DataError(f"--image-size {h} {w}: H and W must be divisible by {spatial} ({args.layers} layers:"
+                               f" {num_convs - 1} pools) and by --map-pool {args.map_pool}")
+    if args.clip_len < temporal or args.clip_len % temporal:
+        raise common.DataError(f"--clip-len {args.clip_len}: must be a multiple of {temporal} ({args.layers} layers:"
+                               f" {num_convs - 2} temporal 2x pools)")
+    if len(args.channels) < num_convs or min(args.channels) < 1:
+        raise common.DataError(f"--channels {' '.join(map(str, args.channels))}: {args.layers} layers need"
+                               f" {num_convs} positive widths")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--train-step", args.train_step),
+                        ("--test-stride", args.test_stride), ("--test-batch-size", args.test_batch_size),
+                        ("--map-pool", args.map_pool), ("--skip-strides", min(args.skip_strides))):
+        if value < 1:
+            raise common.DataError(f"{flag} {value}: expected a positive integer")
+
+
+def protocol_label(args, stream_names: list, normalize: str, smooth: str) -> str:
+    """metrics.json's protocol: "paper settings" only when every setting the paper gives is the paper's value,
+    else the list of changes; then our choices for what the paper leaves open, and the variant."""
+    changes = []
+    if tuple(args.image_size) != PAPER_SIZE:
+        changes.append(f"input {args.image_size[0]}x{args.image_size[1]} (paper 224x224)")
+    if args.clip_len != CLIP_LEN:
+        changes.append(f"{args.clip_len}-frame clips (paper 16)")
+    if not args.no_noise and args.noise_sigma != 0.005:
+        changes.append(f"noise sigma {args.noise_sigma} (paper 0.005)")
+    if args.lr != 2e-4:
+        changes.append(f"lr {args.lr} (paper 2e-4)")
+    if tuple(args.skip_strides) != (1, 2, 3):
+        changes.append(f"skip strides {tuple(args.skip_strides)} (Hasan et al.: 1, 2, 3)")
+    if args.test_stride != args.clip_len:
+        changes.append(f"test stride {args.test_stride}, overlapping clips averaged (paper: one pass)")
+    if args.amp and args.device.type == "cuda":
+        changes.append("bf16 autocast")
+    head = ("paper settings" if not changes else "changed from the paper: " + ", ".join(changes))
+    variant = [f"{args.layers} layers" + (" (Table VII)" if args.layers == 6 else ""),
+               "no GAN (Table V ablation)" if args.no_gan else "GAN",
+               "no noise (Table VI ablation)" if args.no_noise else f"noise {args.noise_sigma}",
+               "streams " + "+".join(stream_names) + (" (Table IX)" if "flow" in stream_names else "")]
+    ours = (f"our choices (not in the paper): {args.epochs} epochs, batch {args.batch_size},"
+            f" {'' if args.no_gan else f'lambda {args.lambda_adv}, '}widths {tuple(args.channels)[:args.layers // 2]},"
+            f" training clip start step {args.train_step}")
+    label = (f"adv3dae {head}; {', '.join(variant)}; {ours}; scores eq. 14 per video in scores.npz,"
+             f" eval normalize={normalize} smooth={smooth}, events window 50")
+    if args.protocol_note:
+        label += "; " + args.protocol_note
+    return label
+
+
+def main(argv=None):
+    parser = build_arg_parser()
+    args = common.parse_args(parser, argv)
+    budget = common.TimeBudget(args.max_minutes)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    state = None
+    if not args.train:     # test only: every training setting (and the architecture) comes from the checkpoint
+        state = common.load_checkpoint(ckpt_path)
+        saved = dict(state["args"])
+        if "image_size" not in saved and "size" in saved:              # checkpoints from before --image-size
+            saved["image_size"] = saved["size"]
+        common.restore_training_args(args, parser, saved, TRAINING_KEYS)
+    elif args.resume:
+        state = common.resume_checkpoint(ckpt_path, True)
+        if state is not None and "progress" not in state:
+            raise common.DataError(f"{ckpt_path}: written by an older adv3dae.py without the training position;"
+                                   f" it can be tested (--test) but not resumed")
+    fill_defaults(args)
+    if args.train and state is not None:
+        for key in ARCHITECTURE_KEYS:
+            saved = state["args"].get(key)
+            saved = tuple(saved) if isinstance(saved, list) else saved
+            if saved != getattr(args, key):
+                raise common.DataError(f"{ckpt_path}: trained with --{key.replace('_', '-')} {saved}, the command line"
+                                       f" gives {getattr(args, key)}; --resume needs the same settings")
     common.seed_everything(args.seed)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -605,44 +820,33 @@ def main(argv=None):
                              cache_dir=args.cache_dir, seed=args.seed)
     print(f"{METHOD}: {ds.summary()}")
     stream_names = ["rgb"] + (["flow"] if args.flow else [])
-    ckpt_path = os.path.join(args.out, "model.pt")
+    models = {n: build_models(args, 1 if n == "rgb" else 3, args.device) for n in stream_names}
 
     # ------------------------------------------------------------------ train
-    stats, train_time, state = None, None, None
-    if not args.train:      # test only: the architecture comes from the checkpoint, not from the command line
-        state = common.load_checkpoint(ckpt_path)
-        for key in ARCHITECTURE_KEYS:
-            saved = state["args"].get(key)
-            saved = tuple(saved) if isinstance(saved, list) else saved
-            if saved is not None and saved != getattr(args, key):
-                print(f"note: --{key.replace('_', '-')} {saved} from {ckpt_path} (command line: {getattr(args, key)})")
-                setattr(args, key, saved)
-        stream_names = ["rgb"] + (["flow"] if args.flow else [])
-    models = {n: build_models(args, 1 if n == "rgb" else 3, args.size, args.device) for n in stream_names}
     if args.train:
-        train_frames = list(common.load_split_frames(ds, "train", args.size, gray=True,
+        train_frames = list(common.load_split_frames(ds, "train", args.image_size, gray=True,
                                                      cache_dir=args.cache_dir).values())
         sources = {"rgb": train_frames}
-        start_epoch, previous_time = 0, 0.0
-        if args.resume and os.path.exists(ckpt_path):
-            state = common.load_checkpoint(ckpt_path)
+        if state is not None:
             load_model(models, state, with_optim=True)
-            stats, start_epoch = state["stats"], state["epoch"] + 1
-            previous_time = float(state.get("train_time_s", 0.0))
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-        if stats is None:
+            stats = state["stats"]
+            print(f"resumed from {ckpt_path} at epoch {state['progress']['epoch'] + 1} step"
+                  f" {state['progress']['step'] + 1}")
+        else:
             stats = FrameStream.fit_stats(train_frames)
         if args.flow:
-            sources["flow"] = list(common.load_split_flows(ds, "train", args.size, args.flow_method,
+            sources["flow"] = list(common.load_split_flows(ds, "train", args.image_size, args.flow_method,
                                                            cache_dir=args.cache_dir, workers=args.workers).values())
             if "flow_mean_image" not in stats:
                 stats.update(FlowStream.fit_stats(sources["flow"]))
         streams = make_streams(stream_names, stats)
-        if start_epoch >= args.epochs:
-            print(f"checkpoint already at epoch {start_epoch}/{args.epochs}: nothing to train")
-            train_time = previous_time
+        if state is not None and state["progress"]["epoch"] >= args.epochs:
+            print(f"checkpoint already at epoch {state['progress']['epoch']}/{args.epochs}: nothing to train")
+            train_time = float(state["train_time_s"])
         else:
-            train_time = train(args, ds, streams, sources, models, start_epoch, stats, previous_time)
+            train_time, finished = train(args, ds, streams, sources, models, stats, state, budget, argv)
+            if not finished:
+                return None                                 # a time-boxed slice: no test
             print(f"training done in {train_time:.1f}s -> {ckpt_path}")
     else:
         load_model(models, state, with_optim=False)
@@ -653,17 +857,16 @@ def main(argv=None):
     if not args.test:
         return None
     streams = make_streams(stream_names, stats)
-    test_sources = {"rgb": list(common.load_split_frames(ds, "test", args.size, gray=True,
+    test_sources = {"rgb": list(common.load_split_frames(ds, "test", args.image_size, gray=True,
                                                          cache_dir=args.cache_dir).values())}
     if args.flow:
-        test_sources["flow"] = list(common.load_split_flows(ds, "test", args.size, args.flow_method,
+        test_sources["flow"] = list(common.load_split_flows(ds, "test", args.image_size, args.flow_method,
                                                             cache_dir=args.cache_dir, workers=args.workers).values())
     num_frames = [v.num_frames for v in ds.test]
-    for name in stream_names:                     # warm-up (cuDNN autotuning, lazy init): not timed
-        score_videos(models[name]["ae"], streams[name], test_sources[name][:1], [min(num_frames[0], CLIP_LEN)],
+    for name in stream_names:        # warm-up, one batch of the timed shape (cuDNN autotuning, lazy init): not timed
+        score_videos(models[name]["ae"], streams[name], test_sources[name][:1], [min(num_frames[0], args.clip_len)],
                      args, desc="warm-up")
-    if args.device.type == "cuda":
-        torch.cuda.synchronize()
+    common.synchronize(args.device)
     t0 = time.time()
     errors, maps = {}, {}
     for name in stream_names:
@@ -673,28 +876,22 @@ def main(argv=None):
     names = [v.name for v in ds.test]
     # the paper's protocol: eq. 14 is already applied here, so eval adds nothing (--normalize/--smooth override)
     normalize, smooth = args.normalize or "none", args.smooth or "none"
+    protocol = protocol_label(args, stream_names, normalize, smooth)
     meta = {"method": METHOD, "dataset": ds.name, "protocol": {"normalize": normalize, "smooth": smooth},
             "scores": "s_t of eq. 14, (e_t - min e) / max e per video (already normalised by adv3dae.py)"
                       + ("; mean of the rgb and flow streams' s_t" if args.flow else ""),
-            "args": common.args_to_dict(args)}
+            "run_protocol": protocol, "args": common.args_to_dict(args)}
     common.write_scores(os.path.join(args.out, "scores.npz"), dict(zip(names, scores)), dict(zip(names, out_maps)),
                         meta)
     test_time = time.time() - t0
     total_frames = sum(num_frames)
     fps = total_frames / max(test_time, 1e-9)
-    print(f"test: {total_frames} frames in {test_time:.2f}s = {fps:.1f} frames/s (cached frames -> scores.npz,"
-          f" {args.device}, test stride {args.test_stride}, batch {args.test_batch_size} clips)")
+    print(f"test: {total_frames} frames in {test_time:.2f}s = {fps:.1f} frames/s (cached frames -> scores.npz:"
+          f" transfer, reconstruction, errors, eq. 14, writing; not model load or warm-up; {args.device},"
+          f" {'+'.join(stream_names)}, test stride {args.test_stride}, batches of {args.test_batch_size} clips)")
     np.savez(os.path.join(args.out, "raw_errors.npz"),
              **{f"{n}/{name}": errors[n][i] for n in errors for i, name in enumerate(names)})
-
-    protocol = (f"adv3dae {args.layers} layers, {args.size[0]}x{args.size[1]}, {args.epochs} epochs, batch"
-                f" {args.batch_size}, train step {args.train_step}, skips {args.skip_strides},"
-                f" {'no GAN' if args.no_gan else f'lambda {args.lambda_adv}'},"
-                f" noise {0.0 if args.no_noise else args.noise_sigma}, streams {'+'.join(stream_names)};"
-                f" scores eq. 14 per video in scores.npz, eval normalize={normalize} smooth={smooth}, events window 50")
-    if args.protocol_note:
-        protocol += "; " + args.protocol_note
-    extra = {"train_time_s": train_time, "test_fps": fps, "protocol": protocol, "device": str(args.device)}
+    extra = {"train_time_s": train_time, "test_fps": fps, "run_protocol": protocol, "device": str(args.device)}
     return vad_eval.evaluate_run(args.out, ds, normalize=normalize, smooth=smooth, extra=extra)
 
 
