@@ -11,37 +11,47 @@ approximate rank pooling of Bilen et al., "Dynamic image networks for action rec
 Method
 ------
 Two identical networks (Table I) see 28x28 patches: one sees the frames (appearance stream), the other sees
-"dynamic flow" images (motion stream). A dynamic flow summarises a window of t = 20 optical-flow fields: each
-flow is mapped to [0, 255] by 16 f + 128, the horizontal and vertical channels are each rank-pooled over the
-window, and the magnitude of the pooled (u, v) is the third channel. Each network is a fully convolutional VAE
-(C1..C4 encoder, F5/F6 1x1 mean / log-variance of a 64-d latent, a sampling layer, D8..D11 deconvolution
-decoder) whose prior is a K = 20 component Gaussian mixture learned jointly (VaDE): the network is first
-pre-trained as a plain auto-encoder, the mixture (pi, mu, sigma^2) is initialised by fitting a diagonal GMM to
-the pre-trained latents, then everything is trained on the VaDE loss (equation 14) on patches of normal
-training video. At test each frame is cut into a grid of non-overlapping 28x28 patches (15x10 at 420x280), each
-patch's latent gets the sample energy E = -log sum_c pi_c N(z | mu_c, sigma_c^2) (equation 17) in each stream,
-the streams are fused by E = 0.5 E_appearance + 0.5 E_motion (equation 18), the frame score is the maximum over
-the grid and the grid itself is the anomaly map (localisation).
+"dynamic flow" images (motion stream). A dynamic flow summarises a window of optical-flow fields: each flow is
+mapped to [0, 255] by 16 f + 128, the horizontal and vertical channels are each rank-pooled over the window,
+and the magnitude of the pooled (u, v) is the third channel. Each network is a fully convolutional VAE (C1..C4
+encoder, F5/F6 1x1 mean / log-variance of a 64-d latent, a sampling layer, D8..D11 deconvolution decoder)
+whose prior is a K = 20 component Gaussian mixture learned jointly (VaDE): the network is first pre-trained as
+a plain auto-encoder, the mixture (pi, mu, sigma^2) is initialised by fitting a diagonal GMM to the pre-trained
+latents, then everything is trained on the VaDE loss (equation 14) on moving patches of normal training video.
+At test every frame is cut into a grid of non-overlapping 28x28 patches (15x10 = 150 at 420x280), each patch's
+latent gets the sample energy E = -log sum_c pi_c N(z | mu_c, sigma_c^2) (equation 17) in each stream, the
+streams are fused by E = 0.5 E_appearance + 0.5 E_motion (equation 18), the frame score is the maximum over
+the grid and the grid itself is the anomaly map (localisation). One test run reports the fused result and each
+stream alone (Table VI's ablation) in metrics.json["streams"].
 
 Choices the paper leaves open (documented, not deviations)
 -------------------------------------------------------
-- Rank pooling: approximate rank pooling (Bilen et al. 2016, eq. "alpha_t = 2(T - t + 1) - (T + 1)(H_T -
-  H_{t-1})", H_t the t-th harmonic number), which already includes the time-varying means of eq. (4); no
-  RankSVM is solved. Window alignment as in Sec. III-A: the dynamic flow of frame i pools flows f_i..f_{i+t-1}
-  (flow f_i goes from frame i to i+1, so frames i..i+t are covered).
+- Rank pooling: approximate rank pooling (Bilen et al. 2016, eq. "alpha_k = 2(T - k + 1) - (T + 1)(H_T -
+  H_{k-1})", H_k the k-th harmonic number), which already includes the time-varying means of eq. (4); no
+  RankSVM is solved.
+- Dynamic-flow window (Sec. III-A: "we compute the dynamic flow F_i from the sequence f_i .. f_{i+t}", giving
+  the dynamic flows F_1 .. F_{n-t} of n flows): the dynamic flow of frame i pools the t + 1 flows f_i..f_{i+t}
+  (flow f_i goes from frame i to i+1, so frames i..i+t+1 are covered; t = 20: 21 flows). This forward window
+  describes what happens AFTER frame i. `--flow-window centred` pools f_{i-t/2}..f_{i+t/2} instead (t + 1
+  flows around frame i), our option, not the paper's. Frames whose window would leave the video (the last t
+  frames with the forward window; t/2 at each end with the centred one) reuse the nearest full window (the
+  start is clamped into [0, n_flows - t - 1]) so that every frame and its map are scored; videos with at most
+  t + 1 flows pool all their flows. Training patches of the motion stream come only from frames with their
+  own full window.
 - The 16 f + 128 mapping is rounded and clipped to the integers 0..255 ("discrete range"). Because the
   coefficients sum to 0 the offset 128 cancels except where clipping occurred.
 - "All patches are linearly normalized into [0, 1]": frames by /255; dynamic flow (u, v) by 0.5 + D / (2 s),
   magnitude by M / s, clipped to [0, 1], with ONE global scale s = 99.9th percentile of |D| over a sample of
   training dynamic flows (stored in the checkpoint). A per-image min-max (as in Bilen's dynamic images) would
-  erase the motion magnitude an anomaly detector needs.
-- Static patches (Sec. IV-C): a training patch is kept when at least `--min-moving-pixels` (default 1, the
-  paper's "any moving pixel") of its pixels change by more than `--motion-threshold` (default 15 of 255) between
-  frame i and frame i+1 (the frame pair of the first flow of frame i's window), i.e. on the gray frames at the
-  working size. The same positions are used for both streams (the motion stream only takes frames with a full
-  window).
+  erase the motion magnitude an anomaly detector needs. Dynamic-flow images are quantised to uint8 at training
+  and at test alike.
+- Moving patches (Sec. IV-C, "we eliminate the massive number of patches that do not contain any moving pixels
+  based on a frame difference"): a training patch is kept when at least `--min-moving-pixels` (default 1, the
+  paper's "any moving pixel") of its pixels change by more than `--motion-threshold` (default 15 of 255,
+  ours) between frame i and frame i+1, on the gray frames at the working size. The same positions feed the
+  appearance stream (the patch of frame i) and the motion stream (the patch of frame i's dynamic flow).
 - Output non-linearity of D11: sigmoid (targets are in [0, 1]); F5/F6 are linear; ReLU after every other
-  conv/deconv as the paper says ("each convolutional layer is followed by a ReLU").
+  conv/deconv, C4 included ("each convolutional layer is followed by a ReLU").
 - Reconstruction term of eq. 14: sum over pixels of the squared error, L = 1 Monte-Carlo sample (VaDE's
   default); gamma_c = q(c|x) = p(c|z) of eq. 15 at the sampled z (as VaDE does, gradients pass through it).
 - Mixture weights stay on the simplex through a softmax parametrisation (pi = softmax(pi_logits));
@@ -49,9 +59,9 @@ Choices the paper leaves open (documented, not deviations)
 - Weight decay 5e-4 (L2, torch Adam) applies to the network weights only, not to the mixture parameters
   (decaying mu_c / log sigma_c^2 towards 0 would bias the prior). Note the paper used Keras, where Adam's
   `decay=5e-4` means a learning-rate decay; we follow the wording "weight decay".
-- Epochs: the paper gives none. Defaults: 10 pre-training epochs (`--pretrain-epochs`) and 10 VaDE epochs
-  (`--epochs`) over the sampled patches.
-- Test latent: the encoder mean (F5), not a sample, so scores are deterministic.
+- Epochs: the paper gives none. Defaults (ours): 10 pre-training epochs (`--pretrain-epochs`) and 10 VaDE
+  epochs (`--epochs`) over the sampled patches. Flow: OpenCV Farneback (the paper's [24] is not available).
+- Test latent: the encoder mean (F5), not a sample, so scores are deterministic; F6 is not evaluated at test.
 - F6 (log-variance) is not used by the deterministic auto-encoder pre-training; when the mixture is initialised
   its weights are zeroed and its bias set to the mean log-variance of the fitted components, so the sampling
   layer starts at the scale of the latent clusters instead of unit variance (which would be orders of magnitude
@@ -59,45 +69,75 @@ Choices the paper leaves open (documented, not deviations)
 - Two learning-rate flags: `--pretrain-lr` (auto-encoder) and `--lr` (VaDE); both 1e-4 as in the paper.
 - Ped1/Ped2 are gray: the appearance stream replicates the gray frame into 3 channels (Table I's 3-channel
   input). Colour datasets use RGB frames.
-- Maps: the fused energy grid (15x10 per frame at 420x280) is written nearest-upsampled by 4 (40x60) so the
-  evaluator's bilinear upsampling keeps the patch blocks instead of smearing them across patches.
+- Maps: the energy grid (15x10 per frame at 420x280) is written nearest-upsampled by 4 (40x60) so the
+  evaluator's bilinear upsampling keeps the patch blocks instead of smearing them across patches. The stored
+  value is the monotone transform m = sign(d) log(1 + |d|), d = E - E_ref, E_ref the 99th percentile of the
+  stream's energies on 10,000 training patches (fused: alpha E_ref,app + beta E_ref,mot; stored in model.pt).
+  Why: scores.npz holds maps as float16, and raw energies overflow it (an anomalous latent far from every
+  tight cluster reaches E > 65504 -> inf) while its spacing at large |E| (0.5 at 1000, 32 at 60000) ties
+  frames in the pixel ROC. Centred at a training reference and log-compressed, every energy is finite (|m| <
+  89 for any float32 E) and the resolution is finest around the energies of normal frames' hottest cells.
+  The pixel protocol only compares map values within a run, so a monotone transform changes it only through
+  eval's bilinear upsampling at the borders of the 4x4 blocks.
+- Frames must be multiples of 28 on both sides (`--image-size`) so that the test grid tiles the whole frame
+  (the map is stretched over the frame by the evaluator); 28 must be a multiple of `--test-stride`. With a
+  stride below 28 the patches overlap and the map of patch centres is stretched over the frame (off by at most
+  half a stride near the borders).
+- A video with a single frame has no flow: its motion-stream and fused scores are NaN ("cannot score"), kept as
+  such in scores.npz; its map cells take the run's lowest map value (maps must be finite).
+- Precision: fp32 by default. `--amp` (CUDA only, opt-in) runs the convolutions in bf16 autocast but F5/F6,
+  the latent and the energies always in fp32 (a bf16 mean has ~3 significant digits, a large fraction of a
+  tight cluster's sigma); its effect on the metrics has not been measured. channels_last at test.
 
 Deviations
 ----------
 - Table I lists pad 0 for C1/C2 (and D10/D11) but also their outputs 14x14 / 7x7; a 3x3/2 convolution without
   padding would give 13x13 / 6x6. We use pad 1 (output_padding 1 in D10/D11) to keep Table I's feature sizes,
   which is what Keras' padding="same" does. The text of Sec. IV-C gives other widths (32/64/128/256); we follow
-  Table I (64/128/256/64), as asked.
-- Static test patches: the networks only ever see moving patches in training (Sec. IV-C), so a test patch
-  with no moving pixel (same frame-difference rule as training, frame pair (i, i+1)) is not encoded and gets
-  the run's lowest energy (`--static-test-patches skip`, default; `score` encodes all 150 patches as a literal
-  reading would). The paper is silent on this; scoring static background that never moved in training (grass,
-  benches) puts its energy at the top of every frame's maximum: on the synthetic data the appearance stream's
-  frame maximum then always sat on the same two background cells (frame AUC ~0.6 vs ~0.9).
-- Frames at the end of a video, whose forward window of t flows would run past the last frame, reuse the last
-  full window (window start clamped to n_flows - t); videos with fewer than t + 1 frames pool all their flows.
-  The paper only defines dynamic flows for i <= n - t; clamping lets every frame (and its map) be scored.
+  Table I (64/128/256/64).
+- Static test patches: the paper scores all 150 patches of a test frame, which is our default on real data
+  (`--static-test-patches score`). `--static-test-patches skip` (our option; the default on the synthetic
+  data) encodes only test patches with moving pixels (the training rule above) and gives the others the run's
+  lowest energy: the networks never see static background in training, and on the synthetic data scoring it
+  put two background cells at the top of every frame (appearance frame AUC ~0.6 vs ~0.9 skipping them). Its
+  threshold is recorded in the protocol string.
 - Synthetic dataset defaults (for a < 3 min CPU demo; the paper's values stay the defaults for real datasets):
-  frames resized to 112x168 (a 6x4 test grid; synthetic frames are 120x180), dynamic-flow window t = 8 (the
-  videos are 80 frames long and a fast mover crosses the frame in ~20, so t = 20 smeared it over most of the
-  window: motion-stream frame AUC 0.63-0.69 with t = 20 vs 0.75 with t = 8), at most 2,500 training patches per
-  stream, 1 pre-training epoch at lr 1e-3 (too few steps at 1e-4) + 2 VaDE epochs at the paper's 1e-4 (1e-3
-  wrecked the pre-trained latent space in the first VaDE epoch: frame AUC 0.94 -> 0.50), batch 100. Patch
-  size, network (Table I), K = 20 and the scoring are unchanged.
-- Real UCSD Ped2 on the 2-core CPU used a reduced protocol, labelled "REDUCED" in metrics.json's "protocol":
+  frames 112x168 (a 6x4 test grid; synthetic frames are 120x180), dynamic-flow window t = 8 (the videos are 80
+  frames long and a fast mover crosses the frame in ~20, so t = 20 smeared it over most of the window), at
+  most 2,500 training patches per stream, 1 pre-training epoch at lr 1e-3 (too few steps at 1e-4) + 2 VaDE
+  epochs at the paper's 1e-4 (1e-3 wrecked the pre-trained latent space in the first VaDE epoch: frame AUC
+  0.94 -> 0.50), static test patches skipped. Patch size, network (Table I), K = 20 and the scoring are
+  unchanged.
+- Real UCSD Ped2 on the 2-core CPU used a reduced protocol (labelled "REDUCED" in metrics.json's "run_protocol"):
   40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (about 5 min
-  of training). Measured (flows cached, 2 shared CPU cores): frame AUC 74.1% micro / 80.8% macro, EER 30.1%,
-  pixel AUC 36.6% / EER 58.7%; appearance stream alone 50.6%, motion stream alone 76.1% (paper: 92.2 / 12.6,
-  pixel 78.2 / 19.2). Command:
-      python gmfc_vae.py --dataset ped2 --data-root ../shared/data --out /tmp/runs/gmfc_vae/ped2 \
-          --max-train-patches 40000 --pretrain-epochs 2 --epochs 2 --pretrain-lr 1e-3
+  of training). Measured with the earlier defaults (t flows per window, static test patches skipped): frame AUC
+  74.1% micro / 80.8% macro, EER 30.1%, pixel AUC 36.6% / EER 58.7%; appearance stream alone 50.6%, motion
+  stream alone 76.1% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
+
+Training in slices
+------------------
+`--max-minutes M` stops at the next training step once M minutes have passed, writes model.pt atomically
+(weights, mixture, optimiser, phase / epoch / step, RNG states) and prints the command that continues
+(`--resume`); a run cut into slices ends with the same weights as an uninterrupted one (same seed, same
+device). The patch order of an epoch is a permutation drawn from a generator seeded by (seed, phase, epoch),
+so it is recomputed, not stored. A test-only run (`--test`) takes every training setting (size, window,
+flow mapping, epochs, ...) from model.pt and warns about a command-line flag that disagrees.
+
+Test throughput
+---------------
+Per video, frames and flows are copied to the device (pinned, the next video's copy in flight), dynamic flows
+are rank-pooled and patches cut there, fixed-shape batches (the last one padded) go through the encoders, and
+one copy per video brings the grids back. The printed frames/s covers cached frames and flows to scores.npz
+(dynamic flow, patches, both streams, fusion, maps, writing), excluding model load and a warm-up batch.
 
 Usage
 -----
     python gmfc_vae.py --dataset synthetic                          # train + test, < 3 min on 2 CPU cores
     python gmfc_vae.py --dataset ped2 --data-root ../shared/data    # the paper's protocol (use a GPU)
+    python gmfc_vae.py --dataset ped2 --data-root ../shared/data --train --max-minutes 9   # one slice; repeat
+        with --resume until it says training is done, then --test
     python gmfc_vae.py --dataset ped2 --data-root ../shared/data --test          # score with runs/.../model.pt
-    python gmfc_vae.py --dataset ped2 --stream rgb --components 10  # Table VI / Table V variants
+    python gmfc_vae.py --dataset ped2 --components 10               # Table V variant
     python gmfc_vae.py --dataset ped2 --max-train-patches 40000 --pretrain-epochs 2 --epochs 2 \
         --pretrain-lr 1e-3                                          # the reduced CPU protocol
 """
@@ -120,6 +160,7 @@ PATCH = 28            # Table I input/output patch size
 LATENT_DIM = 64       # Table I: F5/F6 output 64x1x1
 STREAMS = {"rgb": ("rgb",), "flow": ("flow",), "both": ("rgb", "flow")}
 GRAY_DATASETS = ("ped1", "ped2", "synthetic")   # gray footage: replicated to 3 channels for the RGB stream
+REFERENCE_PATCHES = 10_000                      # training patches whose energies give the map reference E_ref
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -145,12 +186,25 @@ class GMFCVAE(nn.Module):
         self.mu_c = nn.Parameter(torch.zeros(components, latent_dim))
         self.logvar_c = nn.Parameter(torch.zeros(components, latent_dim))
 
-    def encode(self, x):
+    def trunk(self, x):
+        """C1..C4 with their ReLUs: (N, 64, 1, 1). Runs in the caller's autocast precision."""
         h = F.relu(self.c1(x))
         h = F.relu(self.c2(h))
         h = F.relu(self.c3(h))
-        h = F.relu(self.c4(h))
-        return self.f5(h).flatten(1), self.f6(h).flatten(1)
+        return F.relu(self.c4(h))
+
+    def encode(self, x):
+        """(mean, log-variance) of q(z|x), (N, 64) each; F5/F6 always in fp32 (also under --amp)."""
+        h = self.trunk(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h = h.float()
+            return self.f5(h).flatten(1), self.f6(h).flatten(1)
+
+    def encode_mean(self, x):
+        """The test latent: F5 only (fp32), F6 is not evaluated."""
+        h = self.trunk(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.f5(h.float()).flatten(1)
 
     def decode(self, z):
         h = F.relu(self.d8(z[:, :, None, None]))
@@ -211,20 +265,24 @@ def rank_pool_coefficients(T: int) -> np.ndarray:
     return 2.0 * (T - t + 1) - (T + 1) * (harmonic[T] - harmonic[t - 1])
 
 
-def dynamic_flow_starts(num_flows: int, window: int) -> tuple[np.ndarray, int]:
-    """Window start (flow index) for each frame: frame i pools flows i..i+T-1, clamped to the last full window."""
-    num_frames = num_flows + 1
-    T = min(window, num_flows)
-    return np.minimum(np.arange(num_frames), num_flows - T), T
+def dynamic_flow_windows(num_flows: int, window: int, align: str = "forward"):
+    """Frame i's window of L = min(t + 1, num_flows) flows: (starts (num_flows + 1,), L, complete mask).
+
+    forward (paper, Sec. III-A): flows i..i+t; centred: flows i - t//2 .. i - t//2 + t. Starts are clamped into
+    [0, num_flows - L]; `complete` marks the frames whose own window fits (and has all t + 1 flows)."""
+    length = min(window + 1, num_flows)
+    wanted = np.arange(num_flows + 1) - (window // 2 if align == "centred" else 0)
+    starts = np.clip(wanted, 0, max(num_flows - length, 0))
+    complete = (wanted == starts) & (length == window + 1)
+    return starts, length, complete
 
 
-def rank_pool_flows(flows, frame_ids, window: int, a: float = 16.0, b: float = 128.0):
-    """Rank-pooled (u, v), (len(frame_ids), 2, H, W) float32 torch: D_i = sum_k alpha_k (a f_{s_i+k} + b).
+def rank_pool_flows(flows, frame_ids, window: int, align: str = "forward", a: float = 16.0, b: float = 128.0):
+    """Rank-pooled (u, v), (len(frame_ids), 2, H, W) float32 tensor: D_i = sum_k alpha_k (a f_{s_i+k} + b).
 
-    flows: (N, H, W, 2) array or tensor in pixels; a f + b is rounded and clipped to 0..255 (the paper's
-    discrete flow images) before pooling. s_i is frame i's window start (dynamic_flow_starts).
-    """
-    starts, T = dynamic_flow_starts(flows.shape[0], window)
+    flows: (N, H, W, 2) array or tensor (any device) in pixels; a f + b is rounded and clipped to 0..255 (the
+    paper's discrete flow images) before pooling. s_i is frame i's window start (dynamic_flow_windows)."""
+    starts, T, _ = dynamic_flow_windows(flows.shape[0], window, align)
     starts = starts[np.asarray(frame_ids)]
     lo, hi = int(starts.min()), int(starts.max()) + T          # the flows these windows need, mapped once
     segment = flows[lo:hi] if torch.is_tensor(flows) else torch.from_numpy(np.array(flows[lo:hi]))
@@ -243,7 +301,12 @@ def normalize_dynamic_flow(pooled, scale: float):
     return torch.cat([0.5 + pooled / (2 * scale), magnitude / scale], 1).clamp_(0, 1)
 
 
-def estimate_flow_scale(train_flows: dict, window: int, a: float, b: float, frames_per_video: int = 8) -> float:
+def dynamic_flow_uint8(pooled, scale: float):
+    """The dynamic flow image as uint8 (N, 3, H, W): the same quantisation at training and at test."""
+    return torch.round(normalize_dynamic_flow(pooled, scale) * 255).to(torch.uint8)
+
+
+def estimate_flow_scale(train_flows: dict, args, frames_per_video: int = 8) -> float:
     """Global normalisation s: the 99.9th percentile of |rank-pooled u, v| on evenly spaced training windows."""
     values = []
     gen = torch.Generator().manual_seed(0)
@@ -251,7 +314,7 @@ def estimate_flow_scale(train_flows: dict, window: int, a: float, b: float, fram
         if flows.shape[0] == 0:
             continue
         ids = np.unique(np.linspace(0, flows.shape[0], frames_per_video).astype(int))
-        uv = rank_pool_flows(flows, ids, window, a, b).abs().flatten()
+        uv = rank_pool_flows(flows, ids, args.window, args.flow_window, args.flow_a, args.flow_b).abs().flatten()
         values.append(uv[torch.randperm(uv.numel(), generator=gen)[:200000]])
     if not values:
         return 1.0
@@ -281,13 +344,12 @@ def moving_patch_positions(gray_frames, stride: int, threshold: float, min_pixel
 
 
 def gather_patches(images, positions):
-    """images (T, H, W) or (T, H, W, C) array; positions (M, 3) (frame, y, x) -> (M, C, 28, 28) copy."""
-    d = np.arange(PATCH)
+    """images (T, C, H, W) tensor; positions (M, 3) (frame, y, x) int tensor on its device -> (M, C, 28, 28)."""
+    d = torch.arange(PATCH, device=images.device)
     f = positions[:, 0, None, None]
     y = positions[:, 1, None, None] + d[None, :, None]
     x = positions[:, 2, None, None] + d[None, None, :]
-    out = images[f, y, x]
-    return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2)
+    return images.permute(0, 2, 3, 1)[f, y, x].permute(0, 3, 1, 2)
 
 
 def sample_positions(candidates: dict, max_patches: int, seed: int) -> dict:
@@ -306,36 +368,52 @@ def sample_positions(candidates: dict, max_patches: int, seed: int) -> dict:
     return out
 
 
-def extract_rgb_patches(frames: dict, positions: dict) -> np.ndarray:
-    """uint8 (M, C, 28, 28) appearance patches (C = 1 for gray footage, replicated to 3 at batch time)."""
-    parts = [gather_patches(frames[name], pos) for name, pos in positions.items()]
-    return np.concatenate(parts) if parts else np.zeros((0, 1, PATCH, PATCH), np.uint8)
+def frames_to_tensor(frames, device):
+    """(T, H, W) or (T, H, W, C) uint8 array -> (T, C, H, W) uint8 tensor on device."""
+    t = common.to_device(frames, device)
+    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
-def extract_flow_patches(flows: dict, positions: dict, window: int, scale: float, a: float, b: float,
-                         chunk: int = 32) -> np.ndarray:
-    """uint8 (M, 3, 28, 28) dynamic-flow patches, computing only the dynamic flows of the sampled frames."""
+def patches_fit(device, num_bytes: int) -> bool:
+    """Keep a training set on the device when it takes under half of the free memory (always on CPU)."""
+    if device.type != "cuda":
+        return True
+    return num_bytes < 0.5 * torch.cuda.mem_get_info(device)[0]
+
+
+def extract_patches(stream: str, frames: dict, flows: dict, positions: dict, flow_scale: float, args, device,
+                    chunk: int = 32):
+    """uint8 (M, C, 28, 28) training patches, cut on the device (C = 1 for gray appearance, replicated to 3 at
+    batch time; C = 3 for dynamic flow, pooled only for the sampled frames). Kept on the device when they fit."""
+    channels = 3 if stream == "flow" or frames[next(iter(frames))].ndim == 4 else 1
+    total = sum(len(p) for p in positions.values())
+    keep_on = device if patches_fit(device, total * channels * PATCH * PATCH) else torch.device("cpu")
     parts = []
-    for name, pos in tqdm(positions.items(), desc="dynamic flow patches", leave=False):
+    for name, pos in tqdm(positions.items(), desc=f"{stream} patches", leave=False):
+        pos_t = torch.from_numpy(pos).to(device)
+        if stream == "rgb":
+            parts.append(gather_patches(frames_to_tensor(frames[name], device), pos_t).to(keep_on))
+            continue
+        flows_t = common.to_device(flows[name], device)
         frame_ids = np.unique(pos[:, 0])
         for s in range(0, len(frame_ids), chunk):
             ids = frame_ids[s:s + chunk]
-            images = dynamic_flow_uint8(rank_pool_flows(flows[name], ids, window, a, b), scale)   # (n, 3, H, W)
-            images = images.permute(0, 2, 3, 1).numpy()
-            sel = pos[np.isin(pos[:, 0], ids)].copy()
-            sel[:, 0] = np.searchsorted(ids, sel[:, 0])
-            parts.append(gather_patches(images, sel))
-    return np.concatenate(parts) if parts else np.zeros((0, 3, PATCH, PATCH), np.uint8)
+            images = dynamic_flow_uint8(rank_pool_flows(flows_t, ids, args.window, args.flow_window,
+                                                        args.flow_a, args.flow_b), flow_scale)   # (n, 3, H, W)
+            sel = pos_t[(pos_t[:, 0] >= int(ids[0])) & (pos_t[:, 0] <= int(ids[-1]))].clone()
+            sel[:, 0] = torch.searchsorted(torch.as_tensor(ids, device=device), sel[:, 0].contiguous())
+            parts.append(gather_patches(images, sel).to(keep_on))
+    return torch.cat(parts) if parts else torch.zeros((0, channels, PATCH, PATCH), dtype=torch.uint8)
 
 
-def dynamic_flow_uint8(pooled, scale: float):
-    """The dynamic flow image as uint8 (N, 3, H, W): the same quantisation at training and at test."""
-    return torch.round(normalize_dynamic_flow(pooled, scale) * 255).to(torch.uint8)
+def on_device(batch, device):
+    """A batch of a training set kept on the device as it is; one kept on the host through pinned memory."""
+    return batch if batch.device.type == device.type else common.to_device(batch, device)
 
 
-def to_input(batch_uint8, device):
-    """uint8 (N, C, 28, 28) -> float (N, 3, 28, 28) in [0, 1] on device; gray (C = 1) is replicated."""
-    x = batch_uint8.to(device, non_blocking=True).float().div_(255)
+def to_input(batch_uint8):
+    """uint8 (N, C, 28, 28) on the compute device -> float (N, 3, 28, 28) in [0, 1]; gray (C = 1) replicated."""
+    x = batch_uint8.float().div_(255)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
@@ -353,53 +431,60 @@ def test_grid_shape(frame_size, stride: int):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def run_epoch(model, optimizer, patches, args, device, phase: str, epoch: int, desc: str):
-    """One pass over the sampled patches (uint8 tensor, on the GPU when training there); phase 'pretrain'
-    (auto-encoder, squared error) or 'vade' (equation 14)."""
+def epoch_order(num_patches: int, seed: int, phase: str, epoch: int):
+    """The patch permutation of one epoch: a function of (seed, phase, epoch), so a resumed run recomputes it."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch + (0 if phase == "pretrain" else 500))
+    return torch.randperm(num_patches, generator=gen)
+
+
+def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, budget, desc: str):
+    """Continue one pass over the sampled patches from step prog['step']; phase 'pretrain' (auto-encoder,
+    squared error) or 'vade' (equation 14). Stops before a step once the time budget has run out.
+    Returns (finished, loss means of the steps run now)."""
     model.train()
-    gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + (0 if phase == "pretrain" else 500))
-    order = torch.randperm(len(patches), generator=gen).numpy()
-    sums = np.zeros(3)
-    count = 0
-    start = time.time()
-    bar = tqdm(range(0, len(order), args.batch_size), desc=desc, leave=False)
-    for s in bar:
-        idx = torch.from_numpy(np.sort(order[s:s + args.batch_size])).to(patches.device)
-        x = to_input(patches[idx], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+    order = epoch_order(len(patches), args.seed, phase, prog["epoch"]).to(patches.device)
+    steps = math.ceil(len(patches) / args.batch_size)
+    monitor = common.LossMonitor(every=50)
+    autocast = args.amp and device.type == "cuda"
+    for step in tqdm(range(prog["step"], steps), desc=desc, leave=False):
+        if budget.expired():
+            return False, monitor.means(f"{desc} step {step}")
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x = to_input(on_device(patches[idx], device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             x_rec, mu, logvar, z = model(x, sample=(phase == "vade"))
-        x_rec, mu, logvar, z = x_rec.float(), mu.float(), logvar.float(), z.float()
+        x_rec = x_rec.float()
         if phase == "pretrain":
             loss = ((x - x_rec) ** 2).flatten(1).sum(1).mean()
-            rec, kl = loss, torch.zeros(())
+            rec, kl = loss, torch.zeros((), device=device)
         else:
             loss, rec, kl = vade_loss(x, x_rec, mu, logvar, z, *model.mixture_params())
-        common.check_finite(loss, f"{desc} batch {s // args.batch_size}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums += len(idx) * np.array([loss.item(), rec.item(), kl.item()])
-        count += len(idx)
-        if (s // args.batch_size) % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.2f}")
-    elapsed = time.time() - start
-    loss, rec, kl = sums / max(count, 1)
-    return {"loss": loss, "rec": rec, "kl": kl, "time": elapsed, "patches_per_s": count / max(elapsed, 1e-9)}
+        monitor.add(f"{desc} step {step}", loss=loss, rec=rec, kl=kl)
+        prog["step"] = step + 1
+    return True, monitor.means(f"{desc} end")
 
 
 @torch.no_grad()
-def init_mixture_from_latents(model, patches, components: int, max_fit: int, seed: int, device,
-                              batch: int = 4096):
-    """VaDE initialisation: fit a diagonal GMM to the pre-trained encoder means and copy (pi, mu, sigma^2)."""
-    from sklearn.mixture import GaussianMixture
+def encode_latents(model, patches, idx, device, batch: int = 4096):
+    """Encoder means (fp32, on CPU) of patches[idx] (idx a sorted numpy index array)."""
     model.eval()
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(len(patches), size=min(max_fit, len(patches)), replace=False))
-    latents = []
+    out = []
     for s in range(0, len(idx), batch):
         sel = torch.from_numpy(idx[s:s + batch]).to(patches.device)
-        latents.append(model.encode(to_input(patches[sel], device))[0].float().cpu())
-    latents = torch.cat(latents).numpy().astype(np.float64)
+        out.append(model.encode_mean(to_input(on_device(patches[sel], device))).cpu())
+    return torch.cat(out) if out else torch.zeros(0, LATENT_DIM)
+
+
+@torch.no_grad()
+def init_mixture_from_latents(model, patches, components: int, max_fit: int, seed: int, device):
+    """VaDE initialisation: fit a diagonal GMM to the pre-trained encoder means and copy (pi, mu, sigma^2)."""
+    from sklearn.mixture import GaussianMixture
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(patches), size=min(max_fit, len(patches)), replace=False))
+    latents = encode_latents(model, patches, idx, device).numpy().astype(np.float64)
     gmm = GaussianMixture(components, covariance_type="diag", random_state=seed, max_iter=200).fit(latents)
     model.pi_logits.copy_(torch.from_numpy(np.log(np.maximum(gmm.weights_, 1e-12))).float())
     model.mu_c.copy_(torch.from_numpy(gmm.means_).float())
@@ -412,18 +497,164 @@ def init_mixture_from_latents(model, patches, components: int, max_fit: int, see
     return gmm
 
 
-# ------------------------------------------------------------------------------------------------ scoring
 @torch.no_grad()
-def patch_energies(model, patches, device, batch: int, amp: bool):
-    """Sample energy (eq. 17) of every patch from the encoder MEAN (deterministic test latent)."""
-    model.eval()
-    out = []
-    for s in range(0, patches.shape[0], batch):
-        x = to_input(patches[s:s + batch], device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            mu, _ = model.encode(x)
-        out.append(sample_energy(mu.float(), *model.mixture_params()))
-    return torch.cat(out)
+def energy_reference(model, patches, seed: int, device) -> float:
+    """E_ref of the stored maps: the 99th percentile of the energies of up to 10,000 training patches."""
+    rng = np.random.default_rng(seed + 7)
+    idx = np.sort(rng.choice(len(patches), size=min(REFERENCE_PATCHES, len(patches)), replace=False))
+    latents = encode_latents(model, patches, idx, device)
+    energies = sample_energy(latents, *[p.detach().cpu() for p in model.mixture_params()])
+    return float(np.percentile(energies.numpy(), 99))
+
+
+def training_positions(ds, frames: dict, flows: dict, streams, args) -> dict:
+    """Moving-patch candidates -> {stream: {video: (m, 3) positions}} sampled up to --max-train-patches."""
+    candidates = {}
+    for video in tqdm(ds.train, desc="moving patches", leave=False):
+        gray = frames[video.name] if frames[video.name].ndim == 3 else np.asarray(frames[video.name]).mean(-1)
+        candidates[video.name] = moving_patch_positions(gray, args.train_stride, args.motion_threshold,
+                                                        args.min_moving_pixels)
+    positions = {"rgb": sample_positions(candidates, args.max_train_patches, args.seed)}
+    if "flow" in streams:     # motion stream: only frames whose own window of t + 1 flows is complete
+        full = {}
+        for video in ds.train:
+            complete = dynamic_flow_windows(flows[video.name].shape[0], args.window, args.flow_window)[2]
+            full[video.name] = candidates[video.name][complete[candidates[video.name][:, 0]]]
+        positions["flow"] = sample_positions(full, args.max_train_patches, args.seed + 1)
+    print(f"training patches: {sum(len(c) for c in candidates.values())} moving of "
+          f"{sum(v.num_frames for v in ds.train)} frames; sampled "
+          + ", ".join(f"{s} {sum(len(p) for p in positions[s].values())}" for s in streams))
+    return positions
+
+
+# settings a resumed run must share with its checkpoint (they define the training data and its order)
+RESUME_KEYS = ("image_size", "window", "flow_window", "flow_a", "flow_b", "flow_method", "train_stride",
+               "max_train_patches", "motion_threshold", "min_moving_pixels", "components", "batch_size", "seed",
+               "gmm_fit_patches")
+
+
+def checkpoint_state(models, optimizer, progress, run):
+    """Everything --resume needs: every stream's weights (incl. the mixture), the running optimizer, phase /
+    epoch / step per stream, RNG states, the flow scale, the map references and the training time so far."""
+    return {"models": {s: m.state_dict() for s, m in models.items()},
+            "optimizer": optimizer or {},     # {"stream", "phase", "state"} of the optimizer in use
+            "progress": {s: dict(p) for s, p in progress.items()},
+            "flow_scale": run["flow_scale"], "energy_reference": dict(run["energy_reference"]),
+            "train_time_s": run["train_time_s"] + time.monotonic() - run["started"],
+            "rng": common.get_rng_state(), "args": common.args_to_dict(run["args"])}
+
+
+def train(args, ds, streams, gray: bool, device, budget, argv):
+    """Train one GMFC-VAE per stream: AE pre-training, GMM initialisation, VaDE (eq. 14).
+    Returns True when training is complete, False when the time budget stopped it (checkpoint written)."""
+    ckpt_path = os.path.join(args.out, "model.pt")
+    models = {s: GMFCVAE(3, LATENT_DIM, args.components).to(device) for s in streams}
+    progress = {s: {"phase": "pretrain", "epoch": 0, "step": 0} for s in streams}
+    run = {"flow_scale": None, "energy_reference": {}, "train_time_s": 0.0, "started": time.monotonic(),
+           "args": args}
+    saved_optimizer = None
+    state = common.resume_checkpoint(ckpt_path, args.resume)
+    if state is not None:
+        saved_args = state["args"]
+        mine_all = common.args_to_dict(args)
+        for key in RESUME_KEYS:
+            mine, theirs = mine_all[key], saved_args.get(key)
+            if key in saved_args and mine != theirs:
+                raise common.DataError(f"{ckpt_path}: trained with --{key.replace('_', '-')} {theirs}, this run "
+                                       f"asks for {mine}; --resume needs the same setting (or a new --out)")
+        for s, weights in state["models"].items():
+            if s not in models:       # a stream this run does not train: kept in the checkpoint as it is
+                models[s] = GMFCVAE(3, LATENT_DIM, weights["mu_c"].shape[0]).to(device)
+                progress[s] = dict(state["progress"][s])
+            models[s].load_state_dict(weights)
+            progress[s] = {"step": 0, **state["progress"][s]}
+        run.update(flow_scale=state.get("flow_scale"), energy_reference=dict(state.get("energy_reference", {})),
+                   train_time_s=float(state.get("train_time_s", 0.0)))
+        saved_optimizer = state.get("optimizer") or None
+        if "rng" in state:
+            common.set_rng_state(state["rng"])
+        print(f"resumed from {ckpt_path}: " + ", ".join(f"{s} {p['phase']} epoch {p['epoch']} step {p['step']}"
+                                                        for s, p in progress.items()))
+    finished = lambda p: p["phase"] == "vade" and p["epoch"] >= args.epochs
+    save = lambda opt: common.save_checkpoint(ckpt_path, checkpoint_state(models, opt, progress, run))
+    if all(finished(progress[s]) for s in streams):
+        print("training already complete")
+        return True
+
+    frames = common.load_split_frames(ds, "train", args.image_size, gray=gray, cache_dir=args.cache_dir)
+    flows = (common.load_split_flows(ds, "train", args.image_size, method=args.flow_method, cache_dir=args.cache_dir,
+                                     workers=args.workers) if "flow" in streams else {})
+    if "flow" in streams and run["flow_scale"] is None:     # also when an appearance-only run made model.pt
+        run["flow_scale"] = estimate_flow_scale(flows, args)
+        print(f"dynamic-flow normalisation scale s = {run['flow_scale']:.1f} (99.9th percentile of |D|)")
+    positions = training_positions(ds, frames, flows, streams, args)
+
+    for stream in streams:
+        model, prog = models[stream], progress[stream]
+        if finished(prog):
+            continue
+        t0 = time.time()
+        patches = extract_patches(stream, frames, flows, positions[stream], run["flow_scale"], args, device)
+        if len(patches) == 0:
+            raise common.DataError(f"{ds.root}: no moving training patches for the {stream} stream "
+                                   f"(lower --motion-threshold / --min-moving-pixels?)")
+        print(f"[{stream}] {len(patches)} patches {tuple(patches.shape[1:])} uint8 on {patches.device} "
+              f"in {time.time() - t0:.1f}s")
+        restore = lambda opt, phase: (opt.load_state_dict(saved_optimizer["state"])
+                                      if saved_optimizer and saved_optimizer.get("stream") == stream
+                                      and saved_optimizer.get("phase") == phase else None)
+
+        # 1) pre-training as a plain (deterministic) auto-encoder on the network weights
+        if prog["phase"] == "pretrain":
+            optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.pretrain_lr,
+                                         weight_decay=args.weight_decay)
+            restore(optimizer, "pretrain")
+            while prog["epoch"] < args.pretrain_epochs:
+                done, stats = run_epoch(model, optimizer, patches, args, device, "pretrain", prog, budget,
+                                        f"[{stream}] pretrain {prog['epoch'] + 1}/{args.pretrain_epochs}")
+                opt_state = {"stream": stream, "phase": "pretrain", "state": optimizer.state_dict()}
+                if not done:
+                    save(opt_state)
+                    return False
+                prog.update(epoch=prog["epoch"] + 1, step=0)
+                print(f"[{stream}] pretrain epoch {prog['epoch']}/{args.pretrain_epochs}: "
+                      f"mse-sum {stats.get('loss', float('nan')):.3f}")
+                save(opt_state)
+            # 2) initialise pi, mu_c, sigma_c^2 from a diagonal GMM on the pre-trained latents
+            gmm = init_mixture_from_latents(model, patches, args.components, args.gmm_fit_patches, args.seed, device)
+            print(f"[{stream}] GMM initialised on {min(args.gmm_fit_patches, len(patches))} latents "
+                  f"(converged={gmm.converged_}, mean log-likelihood {gmm.lower_bound_:.2f})")
+            prog.update(phase="vade", epoch=0, step=0)
+            save(None)
+        # 3) VaDE on the loss of eq. 14; no weight decay on the mixture parameters
+        optimizer = torch.optim.Adam([{"params": model.non_mixture_parameters(), "weight_decay": args.weight_decay},
+                                      {"params": list(model.mixture_params()), "weight_decay": 0.0}], lr=args.lr)
+        restore(optimizer, "vade")
+        while prog["epoch"] < args.epochs:
+            done, stats = run_epoch(model, optimizer, patches, args, device, "vade", prog, budget,
+                                    f"[{stream}] VaDE {prog['epoch'] + 1}/{args.epochs}")
+            opt_state = {"stream": stream, "phase": "vade", "state": optimizer.state_dict()}
+            if not done:
+                save(opt_state)
+                return False
+            prog.update(epoch=prog["epoch"] + 1, step=0)
+            print(f"[{stream}] VaDE epoch {prog['epoch']}/{args.epochs}: loss {stats.get('loss', float('nan')):.3f} "
+                  f"(rec {stats.get('rec', float('nan')):.3f}, kl {stats.get('kl', float('nan')):.3f})")
+            if prog["epoch"] == args.epochs:
+                run["energy_reference"][stream] = energy_reference(model, patches, args.seed, device)
+            save(opt_state)
+        saved_optimizer = None
+        del patches
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def patch_energies(model, tiles, amp: bool):
+    """Sample energy (eq. 17, fp32) of a batch of uint8 patches from the encoder MEAN (deterministic latent)."""
+    x = to_input(tiles).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+        mu = model.encode_mean(x)
+    return sample_energy(mu, *model.mixture_params())
 
 
 def moving_grid(frames_t, stride: int, threshold: float, min_pixels: int):
@@ -440,248 +671,217 @@ def moving_grid(frames_t, stride: int, threshold: float, min_pixels: int):
 
 
 @torch.inference_mode()
-def score_video(models: dict, frames, flows, args, flow_scale: float, device):
-    """Energy grid (T, gh, gw) float32 of one video: alpha E_app + beta E_motion (eq. 18) or a single stream.
+def score_video(models: dict, frames_t, flows_t, args, flow_scale: float, frames_per_batch: int,
+                fixed_shape: bool):
+    """Energy grids of one video on the device, no host sync: {"rgb", "flow", "fused"} -> (T, gh, gw) float32.
 
-    With --static-test-patches skip (default) only patches with moving pixels are encoded (the domain the
-    networks were trained on); the others are NaN here and get the run's lowest energy in test()."""
-    T = frames.shape[0]
-    gh, gw = test_grid_shape(frames.shape[1:3], args.test_stride)
-    chunk = max(1, args.test_batch_size // (gh * gw))
-    frames_t = torch.from_numpy(np.array(frames)).to(device, non_blocking=True)   # copy: the cache is read-only
-    frames_t = frames_t[:, None] if frames_t.ndim == 3 else frames_t.permute(0, 3, 1, 2)
-    if args.static_test_patches == "skip":
-        scored = moving_grid(frames_t, args.test_stride, args.motion_threshold, args.min_moving_pixels)
-    else:
-        scored = torch.ones(T, gh, gw, dtype=torch.bool, device=device)
-    fused = torch.zeros(T, gh, gw, device=device)
-    flows_t = None
-    if "flow" in models and flows is not None and flows.shape[0] > 0:
-        flows_t = torch.from_numpy(np.array(flows)).to(device, non_blocking=True)
-    for s in range(0, T, chunk):
-        e_chunk = min(s + chunk, T)
-        keep = scored[s:e_chunk].reshape(-1)
-        total = torch.zeros(int(keep.sum()), device=device)
+    frames_t: (T, C, H, W) uint8 tensor; flows_t: (T - 1, H, W, 2) tensor or None. Frames go through the
+    encoders `frames_per_batch` at a time; with fixed_shape the last batch is padded (repeating the last frame)
+    so that every forward pass has one shape. fused = alpha E_rgb + beta E_flow (eq. 18; a single stream is
+    its own fused score). Cells skipped by --static-test-patches skip are -inf; a video without flows has
+    NaN motion (and fused) energies."""
+    T = frames_t.shape[0]
+    gh, gw = test_grid_shape(frames_t.shape[2:], args.test_stride)
+    grids = {s: torch.empty(T, gh, gw, device=frames_t.device) for s in models}
+    for s in range(0, T, frames_per_batch):
+        ids = np.arange(s, min(s + frames_per_batch, T))
+        n = len(ids)
+        if fixed_shape:
+            ids = common.pad_batch(ids, frames_per_batch)[0]
         if "rgb" in models:
-            weight = args.alpha if "flow" in models else 1.0
-            tiles, _ = grid_patches(frames_t[s:e_chunk], args.test_stride)
-            total += weight * patch_energies(models["rgb"], tiles[keep], device, args.test_batch_size, args.amp)
+            tiles, _ = grid_patches(frames_t[torch.as_tensor(ids, device=frames_t.device)], args.test_stride)
+            grids["rgb"][s:s + n] = patch_energies(models["rgb"], tiles, args.amp).view(-1, gh, gw)[:n]
         if "flow" in models:
-            weight = args.beta if "rgb" in models else 1.0
-            if flows_t is None:            # a one-frame video has no flow: not scorable by the motion stream
-                total += float("nan")
-            else:
-                ids = np.arange(s, e_chunk)
-                images = dynamic_flow_uint8(rank_pool_flows(flows_t, ids, args.window, args.flow_a, args.flow_b),
-                                            flow_scale)
-                tiles, _ = grid_patches(images, args.test_stride)
-                total += weight * patch_energies(models["flow"], tiles[keep], device, args.test_batch_size, args.amp)
-        block = torch.full(((e_chunk - s) * gh * gw,), float("nan"), device=device)
-        block[keep] = total
-        fused[s:e_chunk] = block.view(-1, gh, gw)
-    return fused.cpu().numpy()
+            if flows_t is None or flows_t.shape[0] == 0:       # a one-frame video has no flow: cannot score
+                grids["flow"][s:s + n] = float("nan")
+                continue
+            images = dynamic_flow_uint8(rank_pool_flows(flows_t, ids, args.window, args.flow_window,
+                                                        args.flow_a, args.flow_b), flow_scale)
+            tiles, _ = grid_patches(images, args.test_stride)
+            grids["flow"][s:s + n] = patch_energies(models["flow"], tiles, args.amp).view(-1, gh, gw)[:n]
+    if len(models) == 2:
+        grids["fused"] = args.alpha * grids["rgb"] + args.beta * grids["flow"]
+    else:
+        grids["fused"] = grids[next(iter(models))]
+    if args.static_test_patches == "skip":
+        static = ~moving_grid(frames_t, args.test_stride, args.motion_threshold, args.min_moving_pixels)
+        for g in grids.values():
+            g.masked_fill_(static & ~torch.isnan(g), float("-inf"))
+    return grids
 
 
-# ------------------------------------------------------------------------------------------ train / test
-PAPER = {"frame_size": (280, 420), "window": 20, "max_train_patches": 960_000, "batch_size": 100, "lr": 1e-4,
-         "pretrain_lr": 1e-4}
-SYNTHETIC = {"frame_size": (112, 168), "window": 8, "max_train_patches": 2_500, "pretrain_epochs": 1,
-             "epochs": 2, "batch_size": 100, "lr": 1e-4, "pretrain_lr": 1e-3}
+def map_values(energies: np.ndarray, reference: float) -> np.ndarray:
+    """The stored map (float32): sign(d) log(1 + |d|), d = E - E_ref, nearest-upsampled by 4. Monotone in E;
+    finite in float16 for every finite float32 energy (|value| < 89)."""
+    d = energies.astype(np.float64) - reference
+    values = (np.sign(d) * np.log1p(np.abs(d))).astype(np.float32)
+    return np.repeat(np.repeat(values, 4, axis=1), 4, axis=2)
 
 
-def fill_defaults(args):
-    """Paper values for real datasets, the small documented CPU-demo values for --dataset synthetic."""
-    base = SYNTHETIC if args.dataset == "synthetic" else {**PAPER, "pretrain_epochs": 10, "epochs": 10}
-    for key, value in base.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.frame_size = tuple(int(v) for v in args.frame_size)
-    if args.test_batch_size is None:
-        args.test_batch_size = 65536 if args.device.type == "cuda" else 8192
-    if min(args.frame_size) < PATCH:
-        raise common.DataError(f"--frame-size {args.frame_size}: both sides must be at least {PATCH}")
-    return args
-
-
-def protocol_string(args) -> str:
-    reduced = (args.frame_size != PAPER["frame_size"] or args.window != PAPER["window"]
-               or args.max_train_patches < PAPER["max_train_patches"] or args.batch_size != PAPER["batch_size"]
-               or args.lr != PAPER["lr"] or args.pretrain_lr != PAPER["pretrain_lr"] or args.components != 20 or args.pretrain_epochs < 10 or args.epochs < 10)
-    return (f"{'REDUCED' if reduced else 'paper'} protocol: frames {args.frame_size[1]}x{args.frame_size[0]}, "
-            f"dynamic-flow window t={args.window}, <= {args.max_train_patches} training patches/stream "
-            f"(stride {args.train_stride}), {args.pretrain_epochs} AE pre-training + {args.epochs} VaDE epochs, "
-            f"batch {args.batch_size}, lr {args.pretrain_lr:g} (AE) / {args.lr:g} (VaDE), K={args.components}, stream={args.stream}, "
-            f"test stride {args.test_stride}, raw sample energy (normalize none)")
-
-
-def training_positions(ds, frames: dict, flows_needed: bool, args) -> dict:
-    """Moving-patch candidates -> {stream: {video: (m, 3) positions}} sampled up to --max-train-patches."""
-    candidates = {}
-    for video in tqdm(ds.train, desc="moving patches", leave=False):
-        gray = frames[video.name] if frames[video.name].ndim == 3 else np.asarray(frames[video.name]).mean(-1)
-        candidates[video.name] = moving_patch_positions(gray, args.train_stride, args.motion_threshold,
-                                                        args.min_moving_pixels)
-    positions = {"rgb": sample_positions(candidates, args.max_train_patches, args.seed)}
-    if flows_needed:     # motion stream: only frames whose own forward window of t flows is complete
-        full = {}
-        for video in ds.train:
-            last = video.num_frames - 1 - min(args.window, video.num_frames - 1)
-            full[video.name] = candidates[video.name][candidates[video.name][:, 0] <= last]
-        positions["flow"] = sample_positions(full, args.max_train_patches, args.seed + 1)
-    print(f"training patches: {sum(len(c) for c in candidates.values())} moving of "
-          f"{sum(v.num_frames for v in ds.train)} frames; sampled "
-          + ", ".join(f"{s} {sum(len(p) for p in pos.values())}" for s, pos in positions.items()))
-    return positions
-
-
-def checkpoint_state(models, optimizer, progress, flow_scale, args):
-    """Everything --resume needs: both streams' weights (incl. the mixture), the running optimizer, progress."""
-    return {"models": {s: m.state_dict() for s, m in models.items()},
-            "optimizer": optimizer or {},          # {"stream": name, "state": optimizer.state_dict()}
-            "progress": {s: dict(p) for s, p in progress.items()},
-            "epoch": sum(p["epoch"] + (args.pretrain_epochs if p["phase"] != "pretrain" else 0)
-                         for p in progress.values()),
-            "flow_scale": float(flow_scale), "args": common.args_to_dict(args)}
-
-
-def train(args, ds, streams, gray: bool, device):
-    """Train one GMFC-VAE per stream: AE pre-training, GMM initialisation, VaDE (eq. 14). Returns models, s."""
-    ckpt_path = os.path.join(args.out, "model.pt")
-    models = {s: GMFCVAE(3, LATENT_DIM, args.components).to(device) for s in streams}
-    progress = {s: {"phase": "pretrain", "epoch": 0} for s in streams}
-    flow_scale, saved_optimizer = None, None
-    if args.resume and os.path.isfile(ckpt_path):
-        state = common.load_checkpoint(ckpt_path)
-        for s in streams:
-            if s in state["models"]:
-                models[s].load_state_dict(state["models"][s])
-                progress[s] = dict(state["progress"][s])
-        flow_scale = state.get("flow_scale")
-        saved_optimizer = state.get("optimizer") or None
-        print(f"resumed from {ckpt_path}: " + ", ".join(f"{s} {p['phase']} epoch {p['epoch']}"
-                                                        for s, p in progress.items()))
-    elif args.resume:
-        print(f"--resume: no {ckpt_path} yet, training from scratch")
-    finished = lambda p: p["phase"] == "vade" and p["epoch"] >= args.epochs
-    if all(finished(p) for p in progress.values()):
-        return models, flow_scale or 1.0
-
-    frames = common.load_split_frames(ds, "train", args.frame_size, gray=gray, cache_dir=args.cache_dir)
-    flows = (common.load_split_flows(ds, "train", args.frame_size, method=args.flow_method, cache_dir=args.cache_dir,
-                                     workers=args.workers) if "flow" in streams else {})
-    if "flow" in streams and flow_scale is None:
-        flow_scale = estimate_flow_scale(flows, args.window, args.flow_a, args.flow_b)
-        print(f"dynamic-flow normalisation scale s = {flow_scale:.1f} (99.9th percentile of |D|)")
-    flow_scale = flow_scale or 1.0
-    positions = training_positions(ds, frames, "flow" in streams, args)
-
-    for stream in streams:
-        model, prog = models[stream], progress[stream]
-        if finished(prog):
-            continue
-        t0 = time.time()
-        patches = (extract_rgb_patches(frames, positions["rgb"]) if stream == "rgb" else
-                   extract_flow_patches(flows, positions["flow"], args.window, flow_scale, args.flow_a, args.flow_b))
-        if len(patches) == 0:
-            raise common.DataError(f"{ds.root}: no moving training patches for the {stream} stream "
-                                   f"(lower --motion-threshold / --min-moving-pixels?)")
-        print(f"[{stream}] {len(patches)} patches {tuple(patches.shape[1:])} uint8 in {time.time() - t0:.1f}s")
-        patches = torch.from_numpy(patches).to(device)     # whole set on the GPU (960K patches ~ 2.3 GB uint8)
-
-        # 1) pre-training as a plain (deterministic) auto-encoder on the network weights
-        optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.pretrain_lr,
-                                     weight_decay=args.weight_decay)
-        if prog["phase"] == "pretrain" and saved_optimizer and saved_optimizer.get("stream") == stream:
-            optimizer.load_state_dict(saved_optimizer["state"])
-        while prog["phase"] == "pretrain" and prog["epoch"] < args.pretrain_epochs:
-            stats = run_epoch(model, optimizer, patches, args, device, "pretrain", prog["epoch"],
-                              f"[{stream}] pretrain {prog['epoch'] + 1}/{args.pretrain_epochs}")
-            prog["epoch"] += 1
-            print(f"[{stream}] pretrain epoch {prog['epoch']}/{args.pretrain_epochs}: mse-sum {stats['loss']:.3f} "
-                  f"({stats['time']:.1f}s, {stats['patches_per_s']:.0f} patches/s)")
-            common.save_checkpoint(ckpt_path, checkpoint_state(models, {"stream": stream, "state": optimizer.state_dict()},
-                                                               progress, flow_scale, args))
-        # 2) initialise pi, mu_c, sigma_c^2 from a diagonal GMM on the pre-trained latents
-        if prog["phase"] == "pretrain":
-            gmm = init_mixture_from_latents(model, patches, args.components, args.gmm_fit_patches, args.seed, device)
-            print(f"[{stream}] GMM initialised on {min(args.gmm_fit_patches, len(patches))} latents "
-                  f"(converged={gmm.converged_}, mean log-likelihood {gmm.lower_bound_:.2f})")
-            prog.update(phase="vade", epoch=0)
-            saved_optimizer = None
-            common.save_checkpoint(ckpt_path, checkpoint_state(models, None, progress, flow_scale, args))
-        # 3) VaDE on the loss of eq. 14; no weight decay on the mixture parameters
-        optimizer = torch.optim.Adam([{"params": model.non_mixture_parameters(), "weight_decay": args.weight_decay},
-                                      {"params": list(model.mixture_params()), "weight_decay": 0.0}], lr=args.lr)
-        if saved_optimizer and saved_optimizer.get("stream") == stream and prog["phase"] == "vade":
-            optimizer.load_state_dict(saved_optimizer["state"])
-        while prog["epoch"] < args.epochs:
-            stats = run_epoch(model, optimizer, patches, args, device, "vade", prog["epoch"],
-                              f"[{stream}] VaDE {prog['epoch'] + 1}/{args.epochs}")
-            prog["epoch"] += 1
-            print(f"[{stream}] VaDE epoch {prog['epoch']}/{args.epochs}: loss {stats['loss']:.3f} "
-                  f"(rec {stats['rec']:.3f}, kl {stats['kl']:.3f}; {stats['time']:.1f}s, "
-                  f"{stats['patches_per_s']:.0f} patches/s)")
-            common.save_checkpoint(ckpt_path, checkpoint_state(models, {"stream": stream, "state": optimizer.state_dict()},
-                                                               progress, flow_scale, args))
-        del patches
-    return models, flow_scale
-
-
-def load_models(args, streams, device):
-    state = common.load_checkpoint(os.path.join(args.out, "model.pt"))
-    models = {}
-    for s in streams:
-        if s not in state["models"]:
-            raise common.DataError(f"{os.path.join(args.out, 'model.pt')}: no {s} stream (trained with "
-                                   f"--stream {state['args'].get('stream')}; expected --stream to match)")
-        weights = state["models"][s]
-        models[s] = GMFCVAE(3, LATENT_DIM, weights["mu_c"].shape[0]).to(device)
-        models[s].load_state_dict(weights)
-        models[s].to(memory_format=torch.channels_last)      # ~2x faster convolutions at test on CPU
-        if state["progress"][s]["phase"] != "vade" or state["progress"][s]["epoch"] < state["args"]["epochs"]:
-            print(f"warning: the {s} stream's training is unfinished ({state['progress'][s]})")
-    return models, float(state.get("flow_scale", 1.0))
-
-
-def test(args, ds, models, flow_scale: float, gray: bool, device):
-    """Score every test video, write scores.npz (+ panels) and return the measured test frames/s."""
-    frames = common.load_split_frames(ds, "test", args.frame_size, gray=gray, cache_dir=args.cache_dir)
-    flows = (common.load_split_flows(ds, "test", args.frame_size, method=args.flow_method, cache_dir=args.cache_dir,
-                                     workers=args.workers) if "flow" in models else {})
-    # throughput: from the cached frames / flows to scores.npz (flows are computed and cached above)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    grids = {video.name: score_video(models, frames[video.name], flows.get(video.name), args, flow_scale, device)
-             for video in tqdm(ds.test, desc="test", leave=False)}
-    # static (unscored) patches take the lowest energy of the run: "as normal as anything we scored"
+def finish_scores(grids: dict, reference: float):
+    """Per-video energy grids of one stream -> (frame scores, maps). Skipped cells (-inf) take the run's lowest
+    energy; NaN frames (cannot score) stay NaN in the frame scores, and their map cells take the lowest value."""
     finite = [g[np.isfinite(g)] for g in grids.values()]
     floor = float(min((f.min() for f in finite if f.size), default=0.0))
     frame_scores, maps = {}, {}
     for name, grid in grids.items():
-        grid = np.where(np.isnan(grid), floor, grid)
-        frame_scores[name] = grid.reshape(len(grid), -1).max(1)
-        # nearest-upsample x4 so eval's bilinear upsampling keeps the patch blocks
-        maps[name] = np.repeat(np.repeat(grid, 4, axis=1), 4, axis=2).astype(np.float16)
+        grid = np.where(np.isneginf(grid), floor, grid)
+        frame_scores[name] = grid.reshape(len(grid), -1).max(1)           # NaN stays NaN
+        maps[name] = map_values(np.where(np.isnan(grid), floor, grid), reference)
+    return frame_scores, maps
+
+
+def frames_per_batch_for(args, grid_cells: int, longest_video: int) -> int:
+    return max(1, min(args.test_batch_size // grid_cells, longest_video))
+
+
+def test(args, ds, models, checkpoint, gray: bool, device):
+    """Score every test video, write scores.npz (fused) and scores_<stream>.npz, return (results, fps)."""
+    frames = common.load_split_frames(ds, "test", args.image_size, gray=gray, cache_dir=args.cache_dir)
+    flows = (common.load_split_flows(ds, "test", args.image_size, method=args.flow_method, cache_dir=args.cache_dir,
+                                     workers=args.workers) if "flow" in models else {})
+    flow_scale = checkpoint.get("flow_scale") or 1.0
+    refs = {s: float(checkpoint.get("energy_reference", {}).get(s, 0.0)) for s in models}
+    refs["fused"] = (args.alpha * refs["rgb"] + args.beta * refs["flow"]) if len(models) == 2 else refs[streams_of(models)[0]]
+    names = [v.name for v in ds.test]
+    cells = math.prod(test_grid_shape(args.image_size, args.test_stride))
+    fpb = frames_per_batch_for(args, cells, max(v.num_frames for v in ds.test))
+    fixed_shape = device.type == "cuda"
+    for m in models.values():
+        m.eval()
+
+    # warm-up outside the timed region: one fixed-shape batch through every stream (cuDNN autotuning)
+    first = names[0]
+    flows0 = common.to_device(flows[first], device) if "flow" in models else None
+    score_video(models, frames_to_tensor(frames[first][:fpb], device),
+                None if flows0 is None else flows0[:max(fpb - 1, 1)], args, flow_scale, fpb, fixed_shape)
+    common.synchronize(device)
+
+    # timed: cached frames (+ flows) -> device -> dynamic flow, patches, energies -> host -> scores.npz
+    t0 = time.time()
+    frame_iter = common.prefetch_to_device((frames[n] for n in names), device)
+    flow_iter = common.prefetch_to_device((flows[n] for n in names), device) if "flow" in models else None
+    kinds = [*streams_of(models), "fused"] if len(models) == 2 else ["fused"]
+    grids = {k: {} for k in kinds}
+    for name in tqdm(names, desc="test", leave=False):
+        frames_t = next(frame_iter)
+        frames_t = frames_t[:, None] if frames_t.ndim == 3 else frames_t.permute(0, 3, 1, 2)
+        flows_t = next(flow_iter) if flow_iter is not None else None
+        video = score_video(models, frames_t, flows_t, args, flow_scale, fpb, fixed_shape)
+        host = torch.stack([video[k] for k in kinds]).cpu().numpy()          # the one sync per video
+        for k, g in zip(kinds, host):
+            grids[k][name] = g
+    results = {k: finish_scores(grids[k], refs[k]) for k in kinds}
     meta = {"method": "gmfc_vae", "dataset": ds.name, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
             "args": common.args_to_dict(args)}
-    common.write_scores(os.path.join(args.out, "scores.npz"), frame_scores, maps, meta)
+    common.write_scores(os.path.join(args.out, "scores.npz"), *results["fused"], {**meta, "stream": args.stream})
     elapsed = time.time() - t0
-    num_frames = sum(len(s) for s in frame_scores.values())
+    for k in kinds[:-1]:       # each stream alone (Table VI), outside the timed region
+        common.write_scores(os.path.join(args.out, f"scores_{k}.npz"), *results[k], {**meta, "stream": k})
+    num_frames = sum(v.num_frames for v in ds.test)
     fps = num_frames / max(elapsed, 1e-9)
-    print(f"test: {num_frames} frames in {elapsed:.1f}s = {fps:.1f} frames/s (cached frames/flows -> scores.npz, "
-          f"{device})")
-    return frame_scores, maps, fps
+    print(f"test: {num_frames} frames in {elapsed:.1f}s = {fps:.1f} frames/s (cached frames"
+          f"{' + flows' if 'flow' in models else ''} -> dynamic flow, patches, {'+'.join(streams_of(models))} "
+          f"energies, maps -> scores.npz; excludes model load and warm-up; {device})")
+    return results, fps
 
 
-def main(argv=None):
+def streams_of(models):
+    return [s for s in ("rgb", "flow") if s in models]
+
+
+def load_models(args, streams, device):
+    path = os.path.join(args.out, "model.pt")
+    state = common.load_checkpoint(path)
+    models = {}
+    for s in streams:
+        if s not in state["models"]:
+            raise common.DataError(f"{path}: no {s} stream (trained with --stream {state['args'].get('stream')}; "
+                                   f"expected --stream to match)")
+        weights = state["models"][s]
+        models[s] = GMFCVAE(3, LATENT_DIM, weights["mu_c"].shape[0]).to(device)
+        models[s].load_state_dict(weights)
+        models[s].to(memory_format=torch.channels_last)      # ~2x faster convolutions at test on CPU
+        prog = state["progress"][s]
+        if prog["phase"] != "vade" or prog["epoch"] < state["args"]["epochs"]:
+            print(f"warning: the {s} stream's training is unfinished ({prog})")
+    if "flow" in models and state.get("flow_scale") is None:
+        raise common.DataError(f"{path}: the flow stream has no dynamic-flow scale (incomplete checkpoint)")
+    return models, state
+
+
+# ------------------------------------------------------------------------------------------ train / test
+PAPER = {"image_size": (280, 420), "window": 20, "max_train_patches": 960_000, "batch_size": 100, "lr": 1e-4,
+         "pretrain_lr": 1e-4, "pretrain_epochs": 10, "epochs": 10, "static_test_patches": "score"}
+SYNTHETIC = {"image_size": (112, 168), "window": 8, "max_train_patches": 2_500, "pretrain_epochs": 1,
+             "epochs": 2, "batch_size": 100, "lr": 1e-4, "pretrain_lr": 1e-3, "static_test_patches": "skip"}
+# training settings a test-only run takes from model.pt (it reports them, and they define the test input)
+TRAINING_KEYS = ("stream", "components", "image_size", "window", "flow_window", "flow_a", "flow_b", "flow_method",
+                 "train_stride", "max_train_patches", "motion_threshold", "min_moving_pixels", "pretrain_epochs",
+                 "epochs", "batch_size", "lr", "pretrain_lr", "weight_decay", "gmm_fit_patches", "seed")
+
+
+def fill_defaults(args):
+    """Paper values for real datasets, the small documented CPU-demo values for --dataset synthetic."""
+    base = SYNTHETIC if args.dataset == "synthetic" else PAPER
+    for key, value in base.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.stream = args.stream or "both"
+    args.image_size = tuple(int(v) for v in args.image_size)
+    if args.test_batch_size is None:
+        args.test_batch_size = 65536 if args.device.type == "cuda" else 8192
+    H, W = args.image_size
+    if H % PATCH or W % PATCH or min(H, W) < PATCH:
+        raise common.DataError(f"--image-size {H} {W}: both sides must be multiples of {PATCH} (the patch), so "
+                               f"that the test grid covers the whole frame; e.g. 280 420 (the paper's)")
+    if args.test_stride < 1 or PATCH % args.test_stride:
+        raise common.DataError(f"--test-stride {args.test_stride}: expected a divisor of {PATCH} (paper: 28)")
+    if args.window < 1:
+        raise common.DataError(f"--window {args.window}: expected t >= 1 (paper: 20)")
+    return args
+
+
+def protocol_string(args) -> str:
+    """'paper protocol' only when every setting the paper gives is the paper's; our own choices are listed."""
+    H, W = args.image_size
+    checks = [(args.image_size == PAPER["image_size"], f"frames {W}x{H} (paper 420x280)"),
+              (args.window == 20, f"t={args.window} (paper 20)"),
+              (args.flow_window == "forward", f"{args.flow_window} dynamic-flow window (paper: flows i..i+t)"),
+              ((args.flow_a, args.flow_b) == (16.0, 128.0), f"flow mapping {args.flow_a:g} f + {args.flow_b:g}"),
+              (args.max_train_patches >= PAPER["max_train_patches"],
+               f"{args.max_train_patches} training patches/stream (paper 960K)"),
+              (args.train_stride == 7, f"training stride {args.train_stride} (paper 7)"),
+              (args.test_stride == PATCH, f"test stride {args.test_stride} (paper 28)"),
+              (args.batch_size == 100, f"batch {args.batch_size} (paper 100)"),
+              ((args.pretrain_lr, args.lr) == (1e-4, 1e-4), f"lr {args.pretrain_lr:g} (AE) / {args.lr:g} (VaDE) "
+                                                            f"(paper 1e-4)"),
+              (args.weight_decay == 5e-4, f"weight decay {args.weight_decay:g} (paper 5e-4)"),
+              (args.components == 20, f"K={args.components} (paper 20)"),
+              (args.stream == "both" and (args.alpha, args.beta) == (0.5, 0.5),
+               f"stream {args.stream}, alpha {args.alpha:g} / beta {args.beta:g} (paper both, 0.5 / 0.5)"),
+              (args.static_test_patches == "score",
+               f"static test patches skipped (< {args.min_moving_pixels} pixels with frame difference > "
+               f"{args.motion_threshold:g}; paper scores all)")]
+    differs = [text for ok, text in checks if not ok]
+    head = "paper protocol" if not differs else "REDUCED protocol (not the paper's: " + "; ".join(differs) + ")"
+    ours = (f"our choices where the paper gives none: {args.pretrain_epochs} AE pre-training + {args.epochs} VaDE "
+            f"epochs, {args.flow_method} flow, moving pixel = frame difference > {args.motion_threshold:g}, "
+            f">= {args.min_moving_pixels} per training patch, GMM init on {args.gmm_fit_patches} latents"
+            + (", bf16 autocast (F5/F6 and energies fp32)" if args.amp else ""))
+    return f"{head}; {ours}; raw sample energy (normalize none)"
+
+
+def build_parser():
     parser = common.build_parser("gmfc_vae", __doc__.strip().splitlines()[0])
-    parser.add_argument("--stream", choices=tuple(STREAMS), default="both",
-                        help="appearance (rgb), motion (dynamic flow) or both fused by eq. 18 (Table VI)")
+    parser.add_argument("--stream", choices=tuple(STREAMS), default=None,
+                        help="appearance (rgb), motion (dynamic flow) or both fused by eq. 18 (default both; a "
+                             "two-stream run also reports each stream alone)")
     parser.add_argument("--components", type=int, default=20, help="K, Gaussian-mixture components (Table V)")
-    parser.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="frames resized to H W (paper 280 420; synthetic 112 168)")
-    parser.add_argument("--window", type=int, default=None, help="t, flows rank-pooled per dynamic flow (paper 20)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="t: a dynamic flow pools t + 1 flows (paper 20; synthetic 8)")
+    parser.add_argument("--flow-window", choices=("forward", "centred"), default="forward",
+                        help="forward: frame i pools flows i..i+t (paper); centred: flows i-t/2..i+t/2 (ours)")
     parser.add_argument("--flow-a", type=float, default=16.0, help="flow image mapping a f + b: a")
     parser.add_argument("--flow-b", type=float, default=128.0, help="flow image mapping a f + b: b")
     parser.add_argument("--flow-method", choices=("farneback", "dis"), default="farneback", help="optical flow")
@@ -701,12 +901,27 @@ def main(argv=None):
                         help="pre-trained latents used to initialise the mixture")
     parser.add_argument("--alpha", type=float, default=0.5, help="eq. 18 weight of the appearance energy")
     parser.add_argument("--beta", type=float, default=0.5, help="eq. 18 weight of the motion energy")
-    parser.add_argument("--static-test-patches", choices=("skip", "score"), default="skip",
-                        help="skip: test patches without moving pixels (frame difference, as in training) get the "
-                             "run's lowest energy; score: encode every patch")
-    parser.add_argument("--test-batch-size", type=int, default=None, help="patches per forward pass at test")
-    args = fill_defaults(common.parse_args(parser, argv))
+    parser.add_argument("--static-test-patches", choices=("score", "skip"), default=None,
+                        help="score: encode all test patches (paper; default on real data); skip: patches without "
+                             "moving pixels (training rule) get the run's lowest energy (default on synthetic)")
+    parser.add_argument("--test-batch-size", type=int, default=None,
+                        help="patches per forward pass at test (default 65536 on CUDA, 8192 on CPU)")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = common.parse_args(parser, argv)
+    budget = common.TimeBudget(args.max_minutes)
     args.normalize = args.normalize or "none"        # the paper thresholds raw energies over the whole test set
+    ckpt_path = os.path.join(args.out, "model.pt")
+    if args.test and not args.train:                 # test-only: the settings the model was trained with
+        saved = dict(common.load_checkpoint(ckpt_path)["args"])
+        if "image_size" not in saved and "frame_size" in saved:
+            saved["image_size"] = saved["frame_size"]
+        common.restore_training_args(args, parser, saved, TRAINING_KEYS)
+    args = fill_defaults(args)
     common.seed_everything(args.seed)
     device = args.device
     if device.type == "cuda":
@@ -719,20 +934,32 @@ def main(argv=None):
     gray = args.dataset in GRAY_DATASETS
     print(f"gmfc_vae on {ds.name}: {ds.summary()} | streams {streams} | device {device}")
 
-    train_time = None
     if args.train:
         t0 = time.time()
-        models, flow_scale = train(args, ds, streams, gray, device)
-        train_time = time.time() - t0
-        print(f"training time {train_time:.1f}s")
+        if not train(args, ds, streams, gray, device, budget, argv):
+            state = common.load_checkpoint(ckpt_path)
+            where = ", ".join(f"{s} {p['phase']} epoch {p['epoch']} step {p['step']}"
+                              for s, p in state["progress"].items() if s in streams)
+            common.report_time_stop(script=__file__, argv=argv, checkpoint=ckpt_path, progress=where, budget=budget)
+            return
+        print(f"training time {time.time() - t0:.1f}s")
     if args.test:
-        models, flow_scale = load_models(args, streams, device)
-        frame_scores, maps, fps = test(args, ds, models, flow_scale, gray, device)
-        extra = {"train_time_s": train_time, "test_fps": fps, "protocol": protocol_string(args),
-                 "device": str(device),
-                 "command": "python gmfc_vae.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        models, checkpoint = load_models(args, streams, device)
+        results, fps = test(args, ds, models, checkpoint, gray, device)
+        extra = {"train_time_s": checkpoint.get("train_time_s"), "test_fps": fps,
+                 "test_fps_covers": "cached frames and flows -> scores.npz, excluding model load and warm-up",
+                 "run_protocol": protocol_string(args), "device": str(device),
+                 "command": "python gmfc_vae.py " + " ".join(argv)}
+        if len(models) == 2:       # Table VI: each stream alone, from the same test run
+            keys = ("frame_auc_micro", "frame_auc_macro", "frame_eer", "pixel_auc", "pixel_eer", "events", "nan_filled")
+            extra["streams"] = {}
+            for s in streams_of(models):
+                r = vad_eval.evaluate(*results[s], ds, normalize=args.normalize, smooth=args.smooth)
+                extra["streams"][s] = {k: r[k] for k in keys}
+                print(f"  {s} stream alone: frame AUC {r['frame_auc_micro']}, pixel AUC {r['pixel_auc']}")
         vad_eval.evaluate_run(args.out, ds, normalize=args.normalize, smooth=args.smooth, extra=extra)
         if args.num_panels > 0:
+            frame_scores, maps = results["fused"]
             shown = {v.name: maps[v.name] for v in ds.test if v.has_masks}
             shown = dict(list(shown.items())[:args.num_panels])
             n = vad_eval.write_overlays(frame_scores, shown, ds, os.path.join(args.out, "panels"), top_k=1,
