@@ -10,55 +10,71 @@ ImageNet AlexNet instead of the Caffe ImageNet+Places model, CT read as a 1x1 co
 continuous score for ROC sweeps, auto-encoder trained on a random subset of regions, frames at 320x240.
 
 What the method does:
-    Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three consecutive averaged
-    frames form the three channels of the network input D_t = <I'_t-2, I'_t-1, I'_t> (six frames per pass).
-    A frozen, ImageNet-pretrained AlexNet cut after conv2 (C1, S1, C2) turns D_t into a grid of regional
-    feature vectors in one fully convolutional pass. G1, a Gaussian fitted to every normal regional feature of
-    the training videos, labels a region normal when its Mahalanobis distance d1 <= beta, abnormal when
-    d1 >= alpha, and "suspicious" in between (eq. 5). Suspicious regions go through CT, a convolutional layer on
-    top of C2 whose kernels are the encoder of a sparse auto-encoder trained on normal C2 features, and G2, a
-    Gaussian on CT features, calls them abnormal when d2 >= phi (eq. 6). Abnormal regions are rolled back to
-    their receptive fields in the frame (51 x 51 pixels for C2); a pixel is abnormal when more than zeta = 3
-    abnormal receptive fields cover it (section 3.3). A frame is abnormal when any of its pixels is.
+    Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three averaged frames
+    built from six consecutive frames form the three channels of the network input,
+    D_t = <I'_t-4, I'_t-2, I'_t> (frames t-5 .. t: "combining six frames into a three-channel input, we process
+    a cubic patch of video frames at just one forward-pass", section 4.4; the pairs do not overlap, so every
+    one of the six frames enters once). A frozen, ImageNet-pretrained AlexNet cut after conv2 (C1, S1, C2)
+    turns D_t into a grid of regional feature vectors in one fully convolutional pass. G1, a Gaussian fitted
+    to every normal regional feature of the training videos, labels a region normal when its Mahalanobis
+    distance d1 <= beta, abnormal when d1 >= alpha, and "suspicious" in between (eq. 5). Suspicious regions
+    go through CT, a convolutional layer on top of C2 whose kernels are the encoder of a sparse auto-encoder
+    trained on normal C2 features, and G2, a Gaussian on CT features, calls them abnormal when d2 >= phi
+    (eq. 6). Abnormal regions are rolled back to their receptive fields in the frame (51 x 51 pixels for C2);
+    a pixel is abnormal when more than zeta = 3 abnormal receptive fields cover it (section 3.3). A frame is
+    abnormal when any of its pixels is (section 4.2).
 
     Continuous scores for ROC curves (the paper sweeps its thresholds but does not say how). We scale all
     three thresholds together, (lambda alpha, lambda beta, lambda phi), and give every region the largest
     lambda at which the cascade still calls it abnormal. Solving eq. 5-6 for lambda gives, exactly,
         s = max(d1 / alpha, min(d1 / beta, d2 / phi))
     (abnormal at lambda <=> s >= lambda; abnormal at the paper's thresholds <=> s >= 1). This needs d2 for
-    every region (`--ct-regions all`). By default (`--ct-regions suspicious`) CT and G2 run, as in the paper,
-    only on the regions that are suspicious at the paper's thresholds (beta < d1 < alpha), which is what makes
-    the cascade fast; the other regions get s = d1 / alpha, the formula's lower bound. Both variants make
-    exactly the paper's decisions at lambda = 1; they differ only in how regions outside the band rank
-    below or above it when the thresholds are swept. The zeta rule at
-    scale lambda marks a pixel when at least zeta + 1 covering receptive fields have s >= lambda, i.e. when
-    the (zeta + 1)-th largest s among them is >= lambda: that order statistic is the continuous pixel map
-    written to scores.npz, and the frame score is its maximum (the frame-level rule "one abnormal pixel makes
-    an abnormal frame"). Thresholding map and frame score at 1 reproduces the paper's binary detector and
-    localization exactly (up to ties at the thresholds); the rate at 1 is reported as `operating_point`.
+    every region (`--ct-regions all`). By default (`--ct-regions suspicious`) only the regions that are
+    suspicious at the paper's thresholds (beta < d1 < alpha) take their d2 into account, as in the paper;
+    the other regions get s = d1 / alpha, the formula's lower bound. Both variants make exactly the paper's
+    decisions at lambda = 1; they differ only in how regions outside the band rank when the thresholds are
+    swept. The zeta rule at scale lambda marks a pixel when at least zeta + 1 covering receptive fields have
+    s >= lambda, i.e. when the (zeta + 1)-th largest s among them is >= lambda: that order statistic is the
+    continuous pixel map written to scores.npz, and the frame score is its maximum (the frame-level rule "one
+    abnormal pixel makes an abnormal frame"), taken in float32 before the map is stored as float16.
+    Thresholding map and frame score at 1 reproduces the paper's binary detector and localization exactly (up
+    to ties at the thresholds); the rate at 1 is reported as `operating_point`.
 
-    Map grid: one sample per (jump / 2) pixels, at offset jump / 4 (C2: every 4 pixels from pixel 2, a
-    60 x 80 map for a 240 x 320 input). For C2 (jump 8, receptive field 51 = 6 x 8 + 3) the set of covering
-    receptive fields is constant on alternating 5- and 3-pixel runs and this grid samples every run once, so
-    the stored map holds every distinct value of the full-resolution map and its maximum equals the
-    full-resolution maximum (checked against brute force in the tests).
+    Map grid: the covering set of receptive fields is constant on runs of pixels (for C2, jump 8 and
+    receptive field 51 = 6 x 8 + 3: alternating 5- and 3-pixel runs). The map is sampled on the coarsest
+    regular grid (step <= jump / 2) that hits every run of the actual frame size, borders included (C2:
+    every 4 pixels from pixel 2, a 60 x 80 map for a 240 x 320 input; C3: every 8 pixels), so the stored map
+    holds every distinct value of the full-resolution map and its maximum equals the full-resolution maximum
+    (checked against brute force in the tests).
 
-Speed (the paper's point: 370 frames/s on a TITAN): one fully convolutional pass per frame over batches of
-frames; D_t is built on the device straight from the uint8 frame cache, normalised and laid out channels-last
-in one step; G1 is one matrix product per region (precomputed inverse Cholesky factor); CT and G2 run only
-on the suspicious regions (by default); the zeta rule is two small top-k passes over index tables computed
-once. On CUDA: `--amp` (bf16 autocast), 512 frames per batch, every batch padded to the same shape so that
-cudnn.benchmark tunes once, pinned host memory. Test throughput is timed from the cached frames to the
-written scores.npz.
+Speed (the paper's point: 370 frames/s on a TITAN). The test split is streamed through batches of a fixed
+number of target frames that run across video boundaries (no half-empty batch at the end of every short
+video); each batch carries the frames its targets need (targets + 5 context frames per video segment,
+padded to one length) as uint8, copied from reused pinned buffers with non_blocking copies one batch ahead
+(common.prefetch_to_device). On the device: D_t is gathered from the uint8 frames, normalised and laid
+out channels-last in one step; C1-S1-C2 run channels-last (with cuDNN's TF32, PyTorch's default for
+convolutions); G1 is one matrix product per region with a precomputed inverse Cholesky factor (float32,
+IEEE: TF32 is switched off for matrix products); CT and G2 follow; the zeta rule is two small top-k passes
+over index tables computed once; maps and frame scores stay on the device until the whole split is done
+and come back in one copy. No per-batch host syncs, no
+Python loop over regions, no float64 on the test path. On CUDA, CT and G2 are evaluated for every region
+and the cascade selects (fixed shapes, no sync); on the CPU only the suspicious regions are gathered through
+CT and G2 (the paper's saving; the two give the same scores, tested). A warm-up batch of the same shape runs
+before the timer, so cuDNN autotuning is not timed. `--amp` (bf16 autocast for the convolutions only; G1,
+CT and G2 always run in float32) is opt-in: its effect on the metrics has not been measured. The printed
+test frames/s covers cached frames -> scores.npz: reading the frame cache, host-to-device copies, D_t,
+C1-S1-C2, G1, CT, G2, zeta maps and frame scores, the copy back and writing scores.npz; it excludes model
+load, index tables, warm-up and evaluation.
 
 Implementation choices (documented, not in the paper):
     - Covariance regulariser: Sigma + eps * (trace(Sigma) / d) * I with eps = --cov-eps (1e-3). The Cholesky
       factor L of that matrix is computed once in float64 and the inverse factor W = L^-1 is stored, so
-      d(x) = ||W (x - mu)|| is one batched matrix product (a 1 x 1 convolution) on CPU or GPU. ReLU features
-      have dead channels (zero variance); the ridge keeps the solve well posed.
-    - Thresholds default to percentiles of the training distances (on a random subset of training regions
-      drawn independently of the auto-encoder's subset): beta = 90th, alpha = 99.9th percentile of d1, phi = 99.9th percentile of
-      d2. The paper gives no values; these are fixed a priori, never chosen on test data.
+      d(x) = ||W x - W mu|| is one batched float32 matrix product (a 1 x 1 convolution); its error against
+      the float64 distance is below 1e-4 relative (tested). ReLU features have dead channels (zero
+      variance); the ridge keeps the solve well posed.
+    - Thresholds default to percentiles of the training distances on a random subset of training regions
+      (drawn independently of the auto-encoder's subset): beta = 90th, alpha = 99.9th percentile of d1, phi =
+      99.9th percentile of d2. The paper gives no values; these are fixed a priori, never chosen on test data.
     - Sparse auto-encoder loss (the paper names a sparse auto-encoder but not its loss; this is the standard
       one of Ng's notes that the authors' earlier work follows): J = 1/2 mean_n ||x_hat_n - x_n||^2
       + (lambda_wd / 2) (||W_enc||^2 + ||W_dec||^2) + beta_sp sum_j KL(rho || rho_hat_j), sigmoid hidden units,
@@ -66,25 +82,33 @@ Implementation choices (documented, not in the paper):
       beta_sp = 3, lambda_wd = 3e-3. Adam (lr 1e-3, batch 1024, 30 epochs; the paper gives no schedule)
       instead of full-batch L-BFGS.
     - D_t channels are scaled to [0, 1] and normalised with torchvision's ImageNet mean / std of the R, G, B
-      channel they feed (I'_t-2 -> R, I'_t-1 -> G, I'_t -> B).
+      channel they feed, in time order (I'_t-4 -> R, I'_t-2 -> G, I'_t -> B).
     - Features are taken after the ReLU of the chosen convolution (Caffe's in-place ReLU makes the "conv2"
       blob rectified too). --layer 3 is C3 = conv3 after pool2 (the paper's order C1, S1, C2, S2, C3).
-    - Frames t < 3 have no D_t: frame score NaN (eval fills it from the nearest scored frame) and the map of
+    - Frames t < 5 have no D_t: frame score NaN (eval fills it from the nearest scored frame) and the map of
       the first scored frame.
+    - Time-boxed training (--max-minutes): the run stops at the next auto-encoder step (the two feature
+      passes over the training split, G1 and G2, are not cut), writes model.pt with the optimiser, the
+      position in the epoch, the shuffling generator and the auto-encoder's training subset, and prints the
+      command that continues (--resume). Slices end with the same weights as one uninterrupted run (tested on
+      the CPU, bit for bit).
 
 Deviations from the paper:
     1. Backbone weights: torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth: conv2 has 192 kernels, no
        grouping, no LRN) instead of the Caffe reference model trained on ImageNet + MIT Places (conv2 256
        kernels in two groups, LRN after pool1), because that is the published PyTorch model (SPEC section 2).
        Pooling is max pooling as in both pretrained networks (the paper's text calls S1 mean pooling).
-    2. No ImageNet weights can be downloaded on the machine these numbers were measured on: the reported
-       Ped2 run uses `--backbone-weights none` (random, frozen AlexNet) and is labelled so.
+    2. No ImageNet weights can be downloaded on the machines our numbers were measured on: those runs use
+       `--backbone-weights none` (random, frozen AlexNet) and their protocol string says so; they are not
+       the paper's setting. The paper's setting: `--backbone-weights PATH` to torchvision's
+       alexnet-owt-7be5be79.pth (or `imagenet` where it can be downloaded).
     3. CT is read as a 1 x 1 convolution (the paper: "T(i,j,1:h) the transformed representation of
        f(i,j,1:m_k) by a sparse auto-encoder", one regional vector in, one out).
     4. The continuous frame / pixel score for ROC curves (above) is our construction; the paper sweeps its
-       thresholds without saying how. The cascade itself (CT and G2 on the suspicious regions) is the paper's.
+       thresholds without saying how. The cascade itself (CT and G2 decide the suspicious regions) is the
+       paper's.
     5. The auto-encoder trains on a random subset of the normal training regions (--ae-samples, 200,000 of
-       Ped2's ~2.9 million) to bound memory; G1 and G2 are fitted on all training regions.
+       Ped2's ~2.8 million) to bound memory; G1 and G2 are fitted on all training regions.
     6. Frames are resized to the paper's 320 x 240 (width x height; the paper quotes this size for Ped2, whose
        native size is 360 x 240) with cv2.INTER_AREA; the maps are upsampled back to the masks by eval.py.
 
@@ -95,9 +119,11 @@ Everything else as for real data.
 
 Usage:
     python deep_anomaly.py --dataset synthetic                                   # demo, random backbone
-    python deep_anomaly.py --dataset ped2 --data-root ../shared/data             # paper setting, ImageNet AlexNet
-    python deep_anomaly.py --dataset ped2 --backbone-weights ~/alexnet-owt-7be5be79.pth
+    python deep_anomaly.py --dataset ped2 --data-root ../shared/data             # ImageNet AlexNet (download)
+    python deep_anomaly.py --dataset ped2 --backbone-weights ~/alexnet-owt-7be5be79.pth   # the paper's setting
     python deep_anomaly.py --dataset ped2 --backbone-weights none                # offline, random AlexNet
+    python deep_anomaly.py --dataset ped2 --train --max-minutes 5                # a 5-minute training slice
+    python deep_anomaly.py --dataset ped2 --train --max-minutes 5 --resume       # ... continued
     python deep_anomaly.py --dataset ped2 --layer 1 --no-cascade --single-classifier g1 --out runs/da/c1  # Table 1
     python deep_anomaly.py --dataset ped2 --hidden 256 --no-cascade --out runs/da/h256                   # Table 2
     python deep_anomaly.py --dataset ped2 --test --no-cascade --single-classifier g1   # Table 3, "C2 output"
@@ -128,7 +154,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # index into `features` just after the ReLU of C1, C2, C3 (the paper's --layer k)
 LAYER_END = {1: 2, 2: 5, 3: 8}
 LAYER_CHANNELS = {1: 64, 2: 192, 3: 384}
-FRAMES_BEFORE = 3          # D_t needs frames t-3 .. t
+# D_t = <I'_t-4, I'_t-2, I'_t>: channel c is I'_(t-k) = (I_(t-k) + I_(t-k-1)) / 2 with k = DT_LAGS[c]
+DT_LAGS = (4, 2, 0)
+FRAMES_BEFORE = max(DT_LAGS) + 1          # D_t needs frames t-5 .. t
+# written into model.pt; a checkpoint of another layout (e.g. the older D_t of three consecutive I') is refused
+CHECKPOINT_FORMAT = "deep_anomaly/2: D_t = <I'_t-4, I'_t-2, I'_t>"
 
 
 class AlexNetFeatures(nn.Module):
@@ -157,26 +187,29 @@ class AlexNetFeatures(nn.Module):
 
 
 class MomentAccumulator:
-    """Streaming mean and covariance in float64 (rows shifted by the first batch's mean against cancellation)."""
+    """Streaming mean and covariance, summed in float64 on the features' device (no host copy per batch);
+    rows are shifted by the first batch's mean against cancellation."""
 
     def __init__(self, dim: int):
         self.dim, self.n, self.shift = dim, 0, None
-        self.total = torch.zeros(dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.total = self.outer = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.float()
         if self.shift is None:
-            self.shift = x.mean(0).double().cpu()
-        centred = x - self.shift.to(x.device, torch.float32)
-        self.total += centred.sum(0).double().cpu()
-        self.outer += (centred.T @ centred).double().cpu()
+            self.shift = x.mean(0)
+            self.total = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
+            self.outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
+        centred = x - self.shift
+        self.total += centred.sum(0, dtype=torch.float64)
+        self.outer += (centred.T @ centred).double()
         self.n += x.shape[0]
 
     def finalize(self):
-        mean_c = self.total / self.n
-        cov = self.outer / self.n - torch.outer(mean_c, mean_c)
-        return self.shift + mean_c, 0.5 * (cov + cov.T)
+        """(mean, covariance) in float64 on the CPU."""
+        mean_c = self.total.cpu() / self.n
+        cov = self.outer.cpu() / self.n - torch.outer(mean_c, mean_c)
+        return self.shift.double().cpu() + mean_c, 0.5 * (cov + cov.T)
 
 
 class GaussianClassifier(nn.Module):
@@ -207,9 +240,10 @@ class GaussianClassifier(nn.Module):
         return ridge
 
     def distance(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> (...) Mahalanobis distances; float32 whatever the autocast dtype of the product."""
-        z = F.linear(x, self.whiten.to(x.dtype), self.bias.to(x.dtype))
-        return torch.linalg.vector_norm(z.float(), dim=-1)
+        """x (..., d) -> (...) Mahalanobis distances, always in float32 (also inside an autocast region)."""
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(x.float(), self.whiten, self.bias)
+        return torch.linalg.vector_norm(z, dim=-1)
 
 
 class SparseAutoencoder(nn.Module):
@@ -223,10 +257,11 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("in_std", torch.ones(dim))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        # standardisation folded into the encoder: W ((x - m) / s) + b = (W / s) x + (b - W (m / s))
+        """CT: sigmoid(W ((x - m) / s) + b) = sigmoid((W / s) x + (b - W (m / s))), in float32."""
         weight = self.encoder.weight / self.in_std
         bias = self.encoder.bias - weight @ self.in_mean
-        return torch.sigmoid(F.linear(x, weight.to(x.dtype), bias.to(x.dtype)))
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(F.linear(x.float(), weight, bias))
 
     def forward(self, x: torch.Tensor):
         hidden = self.encode(x)
@@ -279,10 +314,16 @@ class DeepAnomaly(nn.Module):
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.backbone.requires_grad_(False)
 
+    def features(self, frames_u8: torch.Tensor, target_pos: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (F, H, W) and the positions (N,) of N target frames t among them (frames t-5 .. t must
+        be consecutive frames of one video) -> regional features (N, H_k, W_k, m_k) of D_t."""
+        x = network_input(frames_u8, target_pos, self.input_mean.view(3), self.input_std.view(3))
+        return self.backbone(x, self.layer).permute(0, 2, 3, 1)     # channels-last storage: a contiguous view
+
     def regional_features(self, frames_u8: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (N+3, H, W) -> regional features (N, H_k, W_k, m_k) of D_t for the last N frames."""
-        feats = self.backbone(network_input(frames_u8, self.input_mean.view(3), self.input_std.view(3)), self.layer)
-        return feats.permute(0, 2, 3, 1)          # channels-last storage: this view is contiguous
+        """Consecutive uint8 frames (N+5, H, W) of one video -> regional features (N, H_k, W_k, m_k) of the last N."""
+        pos = torch.arange(FRAMES_BEFORE, len(frames_u8), device=frames_u8.device)
+        return self.features(frames_u8, pos)
 
     def distances(self, feats: torch.Tensor, need_g2: bool = True):
         """feats (..., m_k) -> d1, d2 (...); d2 None when not needed."""
@@ -290,15 +331,17 @@ class DeepAnomaly(nn.Module):
         d2 = self.g2.distance(self.ct.encode(feats)) if need_g2 else None
         return d1, d2
 
-    def region_scores(self, frames_u8: torch.Tensor, cascade: bool = True, single: str = "g2",
-                      ct_regions: str = "suspicious") -> torch.Tensor:
-        """uint8 frames (N+3, H, W) -> continuous region scores s (N, H_k, W_k); s >= 1 = abnormal at the
-        paper's thresholds. Cascade, ct_regions='all': s = max(d1/alpha, min(d1/beta, d2/phi)) everywhere
-        (CT and G2 on every region). ct_regions='suspicious' (the paper's computation): CT and G2 only where
-        beta < d1 < alpha; elsewhere s = d1/alpha, the lower bound of the formula, which leaves every decision
-        at the paper's thresholds unchanged. Without the cascade one Gaussian decides: d1/alpha or d2/phi."""
-        alpha, beta, phi = self.thresholds.tolist()
-        feats = self.regional_features(frames_u8)
+    def region_scores(self, feats: torch.Tensor, cascade: bool = True, single: str = "g2",
+                      ct_regions: str = "suspicious", gather: bool | None = None) -> torch.Tensor:
+        """Regional features (N, H_k, W_k, m_k) -> continuous region scores s (N, H_k, W_k); s >= 1 = abnormal
+        at the paper's thresholds. Cascade, ct_regions='all': s = max(d1/alpha, min(d1/beta, d2/phi))
+        everywhere. ct_regions='suspicious' (the paper's cascade): that formula where beta < d1 < alpha, the
+        lower bound d1/alpha elsewhere, which leaves every decision at the paper's thresholds unchanged.
+        gather=True sends only the suspicious regions through CT and G2 (fewer operations; a data-dependent
+        shape, so a host sync on CUDA); gather=False evaluates CT and G2 everywhere and selects (fixed shapes,
+        no sync). Default: gather on the CPU only. Without the cascade one Gaussian decides: d1/alpha or d2/phi.
+        Thresholds stay tensors on the device: no host sync."""
+        alpha, beta, phi = self.thresholds.unbind()
         if not cascade:
             if single == "g1":
                 return self.g1.distance(feats) / alpha
@@ -307,8 +350,13 @@ class DeepAnomaly(nn.Module):
             d1, d2 = self.distances(feats)
             return cascade_score(d1, d2, alpha, beta, phi)
         d1 = self.g1.distance(feats)
-        scores = d1 / alpha
         suspicious = (d1 > beta) & (d1 < alpha)
+        if gather is None:
+            gather = feats.device.type != "cuda"
+        if not gather:
+            d2 = self.g2.distance(self.ct.encode(feats))
+            return torch.where(suspicious, cascade_score(d1, d2, alpha, beta, phi), d1 / alpha)
+        scores = d1 / alpha
         picked = feats[suspicious]                                   # (n, m_k): only these go through CT
         if len(picked):
             d2 = self.g2.distance(self.ct.encode(picked))
@@ -317,39 +365,86 @@ class DeepAnomaly(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: D_t from raw frames
+# Data: D_t from raw frames, batches of target frames across videos
 # ----------------------------------------------------------------------------------------------------------
 
 def make_dt(frames: torch.Tensor) -> torch.Tensor:
-    """frames (N+3, H, W) uint8 (or float in 0..255), consecutive -> D (N, 3, H, W) float in [0, 1]:
-    I'_t = (I_t + I_t-1) / 2 and D_t = <I'_t-2, I'_t-1, I'_t> for the last N frames t = 3 .. N+2."""
+    """The plain construction (a reference for tests): consecutive frames (N+5, H, W) uint8 (or float in
+    0..255) -> D (N, 3, H, W) float in [0, 1], I'_s = (I_s + I_s-1) / 2 and D_t = <I'_t-4, I'_t-2, I'_t> for
+    the last N frames t = 5 .. N+4."""
     f = frames.float() * (1.0 / 255.0)
     averaged = 0.5 * (f[1:] + f[:-1])                            # averaged[i] = I'_{i+1}
-    return torch.stack([averaged[:-2], averaged[1:-1], averaged[2:]], dim=1)
+    n = len(frames) - FRAMES_BEFORE
+    t = torch.arange(FRAMES_BEFORE, FRAMES_BEFORE + n)
+    return torch.stack([averaged[t - lag - 1] for lag in DT_LAGS], dim=1)
 
 
-def network_input(frames: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(make_dt(frames) - mean[c]) / std[c], built in one pass per channel directly in channels-last memory
-    (the layout the convolutions run fastest in); equal to the plain construction (tested)."""
-    f = frames.float()
-    pair_sums = f[1:] + f[:-1]                                   # 2 * 255 * I'
+def network_input(frames: torch.Tensor, target_pos: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(D_t - mean[c]) / std[c] for the target frames at `target_pos` of the uint8 frames (F, H, W): each channel
+    gathers the two frames of its I', directly into channels-last memory (the layout the convolutions run
+    fastest in). Equal to make_dt followed by the normalisation (tested)."""
     scale = 0.5 / 255.0 / std
-    channels = [pair_sums[c:len(pair_sums) - 2 + c] * scale[c] - mean[c] / std[c] for c in range(3)]
+    shift = mean / std
+    f = frames.float()
+    pair_sums = torch.add(f[1:], f[:-1])                        # pair_sums[j] = 2 * 255 * I' of frame j + 1
+    # advanced indexing, not index_select: the latter is ~30x slower on the CPU for whole-frame rows
+    channels = [pair_sums[target_pos - lag - 1].mul_(scale[c]).sub_(shift[c]) for c, lag in enumerate(DT_LAGS)]
     return torch.stack(channels, dim=-1).permute(0, 3, 1, 2)      # (N, 3, H, W) view of (N, H, W, 3) memory
 
 
-def frame_batches(num_frames: int, batch: int):
-    """(start, end) ranges of target frames t in [3, num_frames), `batch` at a time."""
-    for start in range(FRAMES_BEFORE, num_frames, batch):
-        yield start, min(start + batch, num_frames)
+class BatchPlan:
+    """Target frames (video v, frame t >= 5) of a list of videos, in order, packed into batches of exactly
+    `batch` targets that run across video boundaries (the last one padded). Each batch carries one uint8
+    frame buffer of a fixed length: per video segment its targets and their 5 context frames, then padding.
+    `positions[k]` holds the buffer index of each target frame of batch k (padding rows repeat the last)."""
+
+    def __init__(self, lengths, batch: int):
+        self.batch = batch
+        self.segments = []                                       # per batch: [(video, t0, t1)], targets t0 .. t1-1
+        current, filled = [], 0
+        for v, num_frames in enumerate(lengths):
+            t = FRAMES_BEFORE
+            while t < num_frames:
+                take = min(batch - filled, num_frames - t)
+                current.append((v, t, t + take))
+                filled, t = filled + take, t + take
+                if filled == batch:
+                    self.segments.append(current)
+                    current, filled = [], 0
+        if current:
+            self.segments.append(current)
+        self.counts = [sum(t1 - t0 for _, t0, t1 in segs) for segs in self.segments]
+        self.firsts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64) if self.counts else []
+        self.num_targets = int(sum(self.counts))
+        self.buffer_len = max((sum(t1 - t0 + FRAMES_BEFORE for _, t0, t1 in segs) for segs in self.segments), default=0)
+        self.positions = np.zeros((len(self.segments), batch), np.int64)
+        for k, segs in enumerate(self.segments):
+            pos, at = [], 0
+            for _, t0, t1 in segs:
+                pos.extend(range(at + FRAMES_BEFORE, at + FRAMES_BEFORE + t1 - t0))
+                at += t1 - t0 + FRAMES_BEFORE
+            self.positions[k, :len(pos)] = pos
+            self.positions[k, len(pos):] = pos[-1]
+
+    def buffers(self, videos):
+        """Host uint8 buffers (buffer_len, H, W), one per batch, read from `videos` (arrays or memmaps)."""
+        for segs in self.segments:
+            first = videos[segs[0][0]]
+            buf = np.empty((self.buffer_len,) + tuple(first.shape[1:]), np.uint8)
+            at = 0
+            for v, t0, t1 in segs:
+                buf[at:at + t1 - t0 + FRAMES_BEFORE] = videos[v][t0 - FRAMES_BEFORE:t1]
+                at += t1 - t0 + FRAMES_BEFORE
+            buf[at:] = buf[at - 1]                               # padding: repeats of the last frame
+            yield buf
 
 
-def to_device(frames_np: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A whole video's uint8 frames on the device (pinned + non_blocking on CUDA)."""
-    t = torch.from_numpy(np.array(frames_np, dtype=np.uint8, copy=True))      # the cache is a read-only memmap
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+def stream_batches(plan: BatchPlan, videos, device):
+    """Yield (frames on the device, target positions on the device, first target index, real targets) per
+    batch; the next batch's frames are copied (pinned, non_blocking) while the device works on this one."""
+    positions = common.to_device(plan.positions, device)
+    for k, frames in enumerate(common.prefetch_to_device(plan.buffers(videos), device)):
+        yield frames, positions[k], int(plan.firsts[k]), plan.counts[k]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,10 +479,27 @@ def unit_intervals(layers, length: int):
     return lo, hi
 
 
-def map_sample_positions(length: int, jump: int) -> np.ndarray:
-    """Pixel positions sampled by the stored map along one axis: every jump/2 pixels from jump/4."""
-    step, offset = max(1, jump // 2), jump // 4
-    return np.arange(offset, length, step)
+def covering_runs(lo: np.ndarray, hi: np.ndarray, length: int) -> np.ndarray:
+    """Per pixel along one axis, an id of the set of units covering it (units [a, b) with lo <= p <= hi; lo and
+    hi are non-decreasing, so the set is a range); pixels covered by no unit (map value 0) get -1."""
+    pixels = np.arange(length)
+    a = np.searchsorted(hi, pixels, side="left")
+    b = np.searchsorted(lo, pixels, side="right")
+    return np.where(a < b, a * (len(lo) + 1) + b, -1)
+
+
+def map_sample_positions(lo: np.ndarray, hi: np.ndarray, length: int, jump: int) -> np.ndarray:
+    """Pixel positions sampled by the stored map along one axis: the coarsest regular grid (step <= jump / 2,
+    offset nearest step / 2) that samples every distinct covering set at least once, so the map keeps every
+    distinct value of the full-resolution map."""
+    runs = covering_runs(lo, hi, length)
+    distinct = set(runs.tolist())
+    for step in range(max(1, jump // 2), 0, -1):
+        for offset in sorted(range(step), key=lambda o: (abs(o - step // 2), o)):
+            positions = np.arange(offset, length, step)
+            if distinct <= set(runs[positions].tolist()):
+                return positions
+    return np.arange(length)                                    # unreachable: step 1 samples every pixel
 
 
 def covering_table(positions: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -429,86 +541,76 @@ class Localizer:
         self.row_intervals, self.col_intervals = unit_intervals(layers, H), unit_intervals(layers, W)
         self.grid = (len(self.row_intervals[0]), len(self.col_intervals[0]))
         jump = self.rf[1]
-        self.rows_px = map_sample_positions(H, jump)
-        self.cols_px = map_sample_positions(W, jump)
+        self.rows_px = map_sample_positions(*self.row_intervals, H, jump)
+        self.cols_px = map_sample_positions(*self.col_intervals, W, jump)
         self.rows = torch.from_numpy(covering_table(self.rows_px, *self.row_intervals)).to(device)
         self.cols = torch.from_numpy(covering_table(self.cols_px, *self.col_intervals)).to(device)
 
     def __call__(self, scores: torch.Tensor, zeta: int) -> torch.Tensor:
         return zeta_map(scores, self.rows, self.cols, zeta)
 
+    def describe(self) -> str:
+        def axis(px):
+            step = int(px[1] - px[0]) if len(px) > 1 else 1
+            return f"every {step} px from pixel {int(px[0])}"
+        return f"rows {axis(self.rows_px)}, columns {axis(self.cols_px)}"
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: G1 on all normal regions, sparse AE (CT) on a subset, G2 on all CT features, thresholds
 # ----------------------------------------------------------------------------------------------------------
 
-def training_passes(model, videos_frames, args, desc):
-    """Yield regional features (N*H_k*W_k, m_k) of every training D_t, batch by batch (frozen backbone)."""
-    device = args.device
-    total = sum(max(0, len(v) - FRAMES_BEFORE) for v in videos_frames.values())
-    bar = tqdm(total=total, desc=desc, unit="frame", leave=False)
-    for frames_np in videos_frames.values():
-        frames = to_device(frames_np, device)
-        for start, end in frame_batches(len(frames), args.test_batch_size):
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp(args)):
-                feats = model.regional_features(frames[start - FRAMES_BEFORE:end])
-            yield feats.reshape(-1, feats.shape[-1]).float()
-            bar.update(end - start)
-    bar.close()
-
-
 def use_amp(args) -> bool:
     return bool(args.amp) and args.device.type == "cuda"
 
 
-def fit_g1(model, train_frames, args):
-    """Pass 1: G1 moments over every training region + a random subset (about --ae-samples) for the AE."""
-    regions_per_frame = math.prod(Localizer(model, args.input_size, torch.device("cpu")).grid)
-    total = sum(max(0, len(v) - FRAMES_BEFORE) for v in train_frames.values()) * regions_per_frame
-    keep = min(1.0, args.ae_samples / max(1, total))
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+def num_regions(model, videos, args) -> int:
+    """Regional feature vectors of all D_t of `videos`: targets x grid cells."""
+    cells = math.prod(Localizer(model, args.image_size, torch.device("cpu")).grid)
+    return sum(max(0, len(v) - FRAMES_BEFORE) for v in videos) * cells
+
+
+def region_subset(total: int, count: int, seed: int) -> np.ndarray:
+    """Sorted ids of min(count, total) distinct regions out of `total`, drawn by numpy's generator from `seed`."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(count, total), replace=False))
+
+
+def take_regions(x: torch.Tensor, first: int, ids: np.ndarray) -> torch.Tensor:
+    """The rows of x (regions first .. first + len(x) - 1) whose ids are in the sorted `ids`; the index is
+    known on the host, so selecting needs no device sync."""
+    lo, hi = np.searchsorted(ids, [first, first + len(x)])
+    return x[common.to_device(ids[lo:hi] - first, x.device)]
+
+
+def training_features(model, videos, args, desc):
+    """Yield (features (n * H_k * W_k, m_k) float32, id of its first region) for every training D_t (frozen
+    backbone), batch by batch, the padding rows of a batch left out."""
+    plan = BatchPlan([len(v) for v in videos], args.test_batch_size)
+    bar = tqdm(total=plan.num_targets, desc=desc, unit="frame", leave=False)
+    for frames, pos, first, n in stream_batches(plan, videos, args.device):
+        with torch.inference_mode(), torch.autocast(args.device.type, torch.bfloat16, enabled=use_amp(args)):
+            feats = model.features(frames, pos)
+        cells = feats.shape[1] * feats.shape[2]
+        yield feats[:n].reshape(-1, feats.shape[-1]).float(), first * cells
+        bar.update(n)
+    bar.close()
+
+
+def fit_g1(model, videos, args):
+    """Pass 1: G1 moments over every training region, and a random subset of --ae-samples regions for the AE."""
+    ids = region_subset(num_regions(model, videos, args), args.ae_samples, args.seed)
     moments, subset = MomentAccumulator(LAYER_CHANNELS[model.layer]), []
-    for x in training_passes(model, train_frames, args, "G1 (all regions)"):
+    for x, first in training_features(model, videos, args, "G1 (all regions)"):
         moments.update(x)
-        subset.append(x[torch.rand(len(x), generator=gen, device=x.device) < keep].cpu())
+        subset.append(take_regions(x, first, ids))
     mean, cov = moments.finalize()
     ridge = model.g1.fit(mean, cov, args.cov_eps)
-    subset = torch.cat(subset)[:args.ae_samples]
     model.ct.in_mean.copy_(mean.float())
     std = cov.diagonal().clamp_min(0).sqrt()
     model.ct.in_std.copy_(std.clamp_min(1e-2 * float(std.mean()) + 1e-12).float())   # dead ReLU channels: std 0
+    subset = torch.cat(subset)
     print(f"G1: {moments.n} regions of dim {moments.dim}, ridge {ridge:.3g}; auto-encoder subset {len(subset)} regions")
     return subset
-
-
-def train_autoencoder(model, subset, optimizer, start_epoch, args, save):
-    """Sparse AE on standardised normal C2 features; one checkpoint per epoch."""
-    ae = model.ct
-    device = args.device
-    data = subset.to(device)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-    for epoch in range(start_epoch, args.epochs + 1):
-        order = torch.randperm(len(data), generator=gen).to(device)
-        sums, batches = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "rho_hat": 0.0}, 0
-        bar = tqdm(range(0, len(data), args.batch_size), desc=f"AE epoch {epoch}/{args.epochs}", leave=False)
-        for i in bar:
-            x = ae.standardise(data[order[i:i + args.batch_size]])
-            hidden, recon = _ae_forward_std(ae, x)
-            loss, parts = sparse_ae_loss(x, hidden, recon, [ae.encoder.weight, ae.decoder.weight],
-                                         args.rho, args.sparsity_weight, args.weight_decay)
-            common.check_finite(loss, f"auto-encoder epoch {epoch} batch {i // args.batch_size}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums["loss"] += loss.item()
-            sums["recon"] += parts["recon"].item()
-            sums["kl"] += parts["kl"].item()
-            sums["rho_hat"] += hidden.detach().mean().item()
-            batches += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        print(f"epoch {epoch}/{args.epochs}  loss {sums['loss'] / batches:.4f}  recon {sums['recon'] / batches:.4f}  "
-              f"KL {sums['kl'] / batches:.4f}  mean activation {sums['rho_hat'] / batches:.4f}", flush=True)
-        save(epoch, "autoencoder")
 
 
 def _ae_forward_std(ae: SparseAutoencoder, x_std: torch.Tensor):
@@ -517,23 +619,56 @@ def _ae_forward_std(ae: SparseAutoencoder, x_std: torch.Tensor):
     return hidden, ae.decoder(hidden)
 
 
-def fit_g2_and_thresholds(model, train_frames, args):
+def train_autoencoder(model, data, optimizer, shuffle, progress, args, budget, save) -> bool:
+    """Sparse AE on standardised normal C2 features, from progress = {epoch, step, shuffle: the shuffling
+    generator's state at the start of that epoch (None: its current state)}. Checks the time budget after
+    every step; saves at every epoch end and when the budget stops it. Returns True when all epochs are done."""
+    ae = model.ct
+    steps = math.ceil(len(data) / args.batch_size)
+    monitor = common.LossMonitor(every=50)
+    while progress["epoch"] <= args.epochs:
+        epoch = progress["epoch"]
+        if progress["shuffle"] is not None:
+            shuffle.set_state(progress["shuffle"])
+        progress["shuffle"] = shuffle.get_state()           # this epoch's order can be drawn again on resume
+        order = torch.randperm(len(data), generator=shuffle).to(data.device)
+        bar = tqdm(range(progress["step"], steps), desc=f"AE epoch {epoch}/{args.epochs}", leave=False)
+        for step in bar:
+            x = ae.standardise(data[order[step * args.batch_size:(step + 1) * args.batch_size]])
+            hidden, recon = _ae_forward_std(ae, x)
+            loss, parts = sparse_ae_loss(x, hidden, recon, [ae.encoder.weight, ae.decoder.weight],
+                                         args.rho, args.sparsity_weight, args.weight_decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            monitor.add(f"auto-encoder epoch {epoch} step {step}", loss=loss, recon=parts["recon"], kl=parts["kl"],
+                        rho_hat=hidden.detach().mean())
+            progress["step"] = step + 1
+            if budget.expired():
+                monitor.check(f"auto-encoder epoch {epoch} step {step}")     # never checkpoint a NaN
+                save()
+                return False
+        means = monitor.means(f"auto-encoder epoch {epoch}")
+        print(f"epoch {epoch}/{args.epochs}  loss {means['loss']:.4f}  recon {means['recon']:.4f}  "
+              f"KL {means['kl']:.4f}  mean activation {means['rho_hat']:.4f}", flush=True)
+        progress.update(epoch=epoch + 1, step=0, shuffle=None)
+        save()
+    return True
+
+
+def fit_g2_and_thresholds(model, videos, args):
     """Pass 2: G2 moments over the CT features of every training region; then alpha, beta, phi from the
     distances of a fresh random subset of training regions."""
+    ids = region_subset(num_regions(model, videos, args), args.threshold_samples, args.seed + 2)
     moments, held = MomentAccumulator(model.hidden), []
-    gen = torch.Generator(device=args.device).manual_seed(args.seed + 2)
-    regions_per_frame = math.prod(Localizer(model, args.input_size, torch.device("cpu")).grid)
-    total = sum(max(0, len(v) - FRAMES_BEFORE) for v in train_frames.values()) * regions_per_frame
-    keep = min(1.0, args.threshold_samples / max(1, total))
-    for x in training_passes(model, train_frames, args, "G2 (all regions)"):
+    for x, first in training_features(model, videos, args, "G2 (all regions)"):
         with torch.inference_mode():
             moments.update(model.ct.encode(x))
-        held.append(x[torch.rand(len(x), generator=gen, device=x.device) < keep])
+        held.append(take_regions(x, first, ids))
     mean, cov = moments.finalize()
     ridge = model.g2.fit(mean, cov, args.cov_eps)
     with torch.inference_mode():
-        held = torch.cat(held)
-        d1, d2 = model.distances(held)
+        d1, d2 = model.distances(torch.cat(held))
     d1, d2 = d1.cpu().double().numpy(), d2.cpu().double().numpy()
     alpha = args.alpha if args.alpha is not None else float(np.percentile(d1, args.alpha_pct))
     beta = args.beta if args.beta is not None else float(np.percentile(d1, args.beta_pct))
@@ -546,47 +681,94 @@ def fit_g2_and_thresholds(model, train_frames, args):
           f"phi {phi:.4g} (d2 p{args.phi_pct})")
 
 
-def train(model, ds, args):
+def fit_single_g1_threshold(model, subset, args):
+    """Table 1 / Table 3 "C2 output": one Gaussian on C_k, no CT; alpha from d1 (beta, phi unused)."""
+    with torch.inference_mode():
+        d1 = model.g1.distance(subset).cpu().double().numpy()
+    alpha = args.alpha if args.alpha is not None else float(np.percentile(d1, args.alpha_pct))
+    model.thresholds.copy_(torch.tensor([alpha, 0.5 * alpha, 1.0]))
+    print(f"single classifier G1: alpha {alpha:.4g} (d1 p{args.alpha_pct} on the training subset)")
+
+
+def train(model, ds, args, argv=None, ckpt=None):
+    """Stages g1 (pass 1) -> autoencoder (epochs of steps) -> g2 (pass 2 and thresholds) -> done, resumable
+    from `ckpt` (a model.pt of an unfinished run). Returns the training time in seconds, or None when
+    --max-minutes stopped the run (model.pt written, continue command printed)."""
     t0 = time.time()
+    budget = common.TimeBudget(args.max_minutes)
     ckpt_path = os.path.join(args.out, "model.pt")
-    optimizer = torch.optim.Adam(model.ct.parameters(), lr=args.lr)
-    start_epoch, stage = 1, "autoencoder"
-    if args.resume and os.path.isfile(ckpt_path):
-        ckpt = common.load_checkpoint(ckpt_path)
+    device = args.device
+    stage, spent, subset = "g1", 0.0, None
+    progress = {"epoch": 1, "step": 0, "shuffle": None}
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, stage = int(ckpt["epoch"]) + 1, ckpt.get("stage", "autoencoder")
-        print(f"resumed from {ckpt_path} (epoch {ckpt['epoch']}, stage {stage})")
-    elif args.resume:
-        print(f"--resume: no {ckpt_path} yet, training from scratch")
+        stage, spent = ckpt["stage"], float(ckpt.get("train_time_s") or 0.0)
+        if stage == "done":
+            if args.epochs > int(ckpt["epoch"]):
+                raise common.DataError(f"{ckpt_path}: training finished after {ckpt['epoch']} epochs and does not "
+                                       f"keep the auto-encoder's data; to train {args.epochs} epochs use a new --out")
+            print(f"{ckpt_path} is complete: nothing to train")
+            return spent
+        progress = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "shuffle": ckpt.get("shuffle_state")}
+        subset = ckpt.get("subset")
+        if stage == "autoencoder" and subset is None:
+            raise common.DataError(f"{ckpt_path}: stage autoencoder without the auto-encoder's training subset; "
+                                   "retrain with --train into a new --out")
+        common.set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} (stage {stage}, epoch {progress['epoch']}, step {progress['step']})")
+    model.to(device)
+    optimizer = torch.optim.Adam(model.ct.parameters(), lr=args.lr)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])            # after model.to: the state follows the parameters
+    shuffle = torch.Generator().manual_seed(args.seed + 1)
 
-    def save(epoch, stage_name):
-        common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "epoch": epoch, "stage": stage_name, "backbone": args.backbone_source,
-                                           "args": common.args_to_dict(args)})
+    def save(stage_name, keep_subset=None):
+        state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "stage": stage_name, "epoch": progress["epoch"],
+                 "step": progress["step"], "shuffle_state": progress["shuffle"], "rng": common.get_rng_state(),
+                 "backbone": args.backbone_source, "train_time_s": spent + time.time() - t0,
+                 "args": common.args_to_dict(args)}
+        if keep_subset is not None:
+            state["subset"] = keep_subset.cpu()
+        common.save_checkpoint(ckpt_path, state)
 
-    if stage == "done" and start_epoch > args.epochs:
-        print("model.pt is complete: nothing to train")
-        return float(ckpt.get("train_time_s") or 0.0)
+    def stopped(where):
+        common.report_time_stop(script=__file__, argv=argv, checkpoint=ckpt_path, progress=where, budget=budget)
+        return None
 
-    train_frames = common.load_split_frames(ds, "train", args.input_size, cache_dir=args.cache_dir)
-    model.to(args.device)
-    subset = fit_g1(model, train_frames, args)
+    videos = None
+    if stage in ("g1", "g2"):
+        split = common.load_split_frames(ds, "train", args.image_size, cache_dir=args.cache_dir)
+        videos = list(split.values())
     needs_ct = not (args.no_cascade and args.single_classifier == "g1")
-    if needs_ct:
-        train_autoencoder(model, subset, optimizer, start_epoch, args, save)
-        del subset
-        fit_g2_and_thresholds(model, train_frames, args)
-    else:   # Table 1 / Table 3 "C2 output": one Gaussian on C_k, no CT; alpha from d1, the others unused
-        with torch.inference_mode():
-            d1 = model.g1.distance(subset.to(args.device)).cpu().double().numpy()
-        alpha = args.alpha if args.alpha is not None else float(np.percentile(d1, args.alpha_pct))
-        model.thresholds.copy_(torch.tensor([alpha, 0.5 * alpha, 1.0]))
-        print(f"single classifier G1: alpha {alpha:.4g} (d1 p{args.alpha_pct} on the training subset)")
-    train_time = time.time() - t0
-    common.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "epoch": args.epochs, "stage": "done", "backbone": args.backbone_source,
-                                       "train_time_s": train_time, "args": common.args_to_dict(args)})
+    if stage == "g1":
+        subset = fit_g1(model, videos, args)
+        if not needs_ct:
+            fit_single_g1_threshold(model, subset, args)
+            stage = "done"
+        else:
+            stage = "autoencoder"
+            if budget.expired():
+                save(stage, subset)
+                return stopped("the end of the G1 pass")
+    if stage == "autoencoder":
+        subset = subset.to(device)
+        if not train_autoencoder(model, subset, optimizer, shuffle, progress, args, budget,
+                                 lambda: save("autoencoder", subset)):
+            return stopped(f"auto-encoder epoch {progress['epoch']} step {progress['step']}")
+        subset = None
+        stage = "g2"
+        if budget.expired():
+            save(stage)
+            return stopped("the end of auto-encoder training")
+    if stage == "g2":
+        if videos is None:
+            split = common.load_split_frames(ds, "train", args.image_size, cache_dir=args.cache_dir)
+            videos = list(split.values())
+        fit_g2_and_thresholds(model, videos, args)
+    progress.update(epoch=args.epochs if needs_ct else 0, step=0, shuffle=None)
+    save("done")
+    train_time = spent + time.time() - t0
     print(f"training done in {train_time:.1f} s -> {ckpt_path}")
     return train_time
 
@@ -595,26 +777,59 @@ def train(model, ds, args):
 # Scoring and localization at test time
 # ----------------------------------------------------------------------------------------------------------
 
-def score_video(model, localizer, frames: torch.Tensor, args):
-    """frames (T, H, W) uint8 on the device -> (frame scores (T,) float32 with NaN for t < 3,
-    maps (T, h, w) float16). Map = (zeta+1)-th largest covering region score; frame score = its maximum."""
-    T = len(frames)
+def score_batch(model, localizer, frames, pos, args) -> torch.Tensor:
+    """One batch: uint8 frames (buffer_len, H, W) and target positions (B,) on the device -> zeta maps (B, h, w)
+    float32. The convolutions may run under bf16 autocast (--amp); G1, CT and G2 always in float32."""
+    with torch.autocast(args.device.type, torch.bfloat16, enabled=use_amp(args)):
+        feats = model.features(frames, pos)
+    s = model.region_scores(feats.float(), cascade=not args.no_cascade, single=args.single_classifier,
+                            ct_regions=args.ct_regions)
+    return localizer(s, args.zeta)
+
+
+def score_split(model, localizer, videos: dict, args, plan: BatchPlan | None = None):
+    """videos {name: uint8 (T, H, W)} -> ({name: frame scores (T,) float32, NaN for t < 5},
+    {name: maps (T, h, w) float16}). Map = (zeta+1)-th largest covering region score; frame score = its
+    maximum, in float32. All batches run on the device without a host sync; maps and scores come back in
+    one copy at the end."""
+    names = list(videos)
+    arrays = [videos[n] for n in names]
+    plan = plan or BatchPlan([len(a) for a in arrays], args.test_batch_size)
+    device = args.device
     ny, nx = len(localizer.rows_px), len(localizer.cols_px)
-    maps = torch.zeros(T, ny, nx, dtype=torch.float16, device=frames.device)
-    for start, end in frame_batches(T, args.test_batch_size):
-        chunk = frames[start - FRAMES_BEFORE:end]
-        if frames.device.type == "cuda" and end - start < args.test_batch_size:
-            # one input shape for every batch: cudnn.benchmark tunes once, not once per video tail
-            chunk = torch.cat([chunk, chunk[-1:].expand(args.test_batch_size - (end - start), *chunk.shape[1:])])
-        with torch.inference_mode(), torch.autocast(args.device.type, torch.bfloat16, enabled=use_amp(args)):
-            s = model.region_scores(chunk, cascade=not args.no_cascade, single=args.single_classifier,
-                                    ct_regions=args.ct_regions)
-            maps[start:end] = localizer(s[:end - start].float(), args.zeta).to(torch.float16)
-    if T > FRAMES_BEFORE:
-        maps[:FRAMES_BEFORE] = maps[FRAMES_BEFORE]            # unscorable frames: first scored frame's map
-    scores = maps.float().amax(dim=(1, 2))
-    scores[:FRAMES_BEFORE] = float("nan")
-    return scores, maps
+    maps = torch.zeros(plan.num_targets, ny, nx, dtype=torch.float16, device=device)
+    scores = torch.zeros(plan.num_targets, dtype=torch.float32, device=device)
+    bar = tqdm(total=plan.num_targets, desc="test", unit="frame", leave=False)
+    with torch.inference_mode():
+        for frames, pos, first, n in stream_batches(plan, arrays, device):
+            m = score_batch(model, localizer, frames, pos, args)[:n]
+            maps[first:first + n] = m.to(torch.float16)
+            scores[first:first + n] = m.amax(dim=(1, 2))
+            bar.update(n)
+    bar.close()
+    maps_np, scores_np = maps.cpu().numpy(), scores.cpu().numpy()      # the one copy back
+    frame_scores, frame_maps, at = {}, {}, 0
+    for name, frames in zip(names, arrays):
+        T, n = len(frames), max(0, len(frames) - FRAMES_BEFORE)
+        s = np.full(T, np.nan, np.float32)
+        vmap = np.zeros((T, ny, nx), np.float16)
+        if n:
+            s[FRAMES_BEFORE:] = scores_np[at:at + n]
+            vmap[FRAMES_BEFORE:] = maps_np[at:at + n]
+            vmap[:FRAMES_BEFORE] = vmap[FRAMES_BEFORE]            # unscorable frames: the first scored frame's map
+        frame_scores[name], frame_maps[name] = s, vmap
+        at += n
+    return frame_scores, frame_maps
+
+
+def warm_up(model, localizer, plan: BatchPlan, frame_shape, args) -> None:
+    """One batch of the test path's exact shape (cuDNN autotuning, allocator), outside the timed region."""
+    frames = torch.zeros((max(plan.buffer_len, FRAMES_BEFORE + 1),) + tuple(frame_shape), dtype=torch.uint8,
+                         device=args.device)
+    pos = torch.from_numpy(plan.positions[0] if len(plan.positions) else np.full(args.test_batch_size, FRAMES_BEFORE))
+    with torch.inference_mode():
+        score_batch(model, localizer, frames, pos.to(args.device), args)
+    common.synchronize(args.device)
 
 
 def write_panels(test_frames, frame_scores, maps, ds, out_dir, count):
@@ -644,37 +859,52 @@ def write_panels(test_frames, frame_scores, maps, ds, out_dir, count):
     return written
 
 
+def protocol_label(model, args) -> str:
+    """What was run, with every setting that is not the paper's named as such."""
+    paper_size = tuple(args.image_size) == (240, 320)
+    backbone = {"alexnet-random": "RANDOM frozen AlexNet (not the paper's pretrained Caffe ImageNet+Places model)",
+                "alexnet-imagenet": "torchvision ImageNet AlexNet (the paper: Caffe ImageNet+Places reference model)"}
+    backbone_text = backbone.get(args.backbone_source, f"AlexNet from {args.backbone_source} (the paper: Caffe "
+                                                        f"ImageNet+Places reference model)")
+    if args.no_cascade:
+        classifier = f"single Gaussian {args.single_classifier} (paper ablation, Tables 1-3)"
+    else:
+        classifier = f"cascade G1 + CT(h={model.hidden}) + G2 on {args.ct_regions} regions"
+    paper = args.layer == 2 and model.hidden == 500 and args.zeta == 3 and not args.no_cascade and paper_size
+    return (f"{args.dataset} test split; {'paper architecture' if paper else 'NOT the paper architecture'}: "
+            f"D_t = <I'_t-4, I'_t-2, I'_t> at {args.image_size[0]}x{args.image_size[1]}, layer C{args.layer}, "
+            f"{classifier}, zeta {args.zeta}; backbone: {backbone_text}; our choices (the paper gives none): "
+            f"thresholds alpha/beta/phi = training-distance percentiles {args.alpha_pct}/{args.beta_pct}/{args.phi_pct}, "
+            f"sparse AE {args.epochs} epochs (Adam, batch {args.batch_size}, lr {args.lr}) on {args.ae_samples} "
+            f"regions, continuous cascade score for the ROC sweep; normalize {args.normalize}")
+
+
 def test(model, ds, args, train_time):
     device = args.device
     model.to(device).eval()
-    test_frames = common.load_split_frames(ds, "test", args.input_size, cache_dir=args.cache_dir)
-    localizer = Localizer(model, args.input_size, device)
     if device.type == "cuda":
+        model.backbone.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    # warm-up (kernel selection, allocator) on a dummy batch, outside the timed region
-    warm = args.test_batch_size if device.type == "cuda" else min(args.test_batch_size, 8)
-    dummy = torch.zeros(warm + FRAMES_BEFORE, *args.input_size, dtype=torch.uint8, device=device)
-    score_video(model, localizer, dummy, args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    test_frames = common.load_split_frames(ds, "test", args.image_size, cache_dir=args.cache_dir)
+    localizer = Localizer(model, args.image_size, device)
+    plan = BatchPlan([len(v) for v in test_frames.values()], args.test_batch_size)
+    warm_up(model, localizer, plan, args.image_size, args)
 
     t0 = time.time()            # timed: cached frames -> scores.npz
-    frame_scores, maps = {}, {}
-    for name, frames_np in tqdm(test_frames.items(), desc="test", unit="video", leave=False):
-        scores, vmaps = score_video(model, localizer, to_device(frames_np, device), args)
-        frame_scores[name] = scores.cpu().numpy()
-        maps[name] = vmaps.cpu().numpy()
+    frame_scores, maps = score_split(model, localizer, test_frames, args, plan)
     meta = {"method": "deep_anomaly", "dataset": args.dataset, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
-            "map": f"(zeta+1)-th largest cascade score of the covering receptive fields, zeta={args.zeta}, "
-                   f"sampled every {localizer.rows_px[1] - localizer.rows_px[0]} px from pixel {localizer.rows_px[0]} "
-                   f"of the {args.input_size[0]}x{args.input_size[1]} input; >= 1 = abnormal at the paper's thresholds",
+            "map": f"(zeta+1)-th largest cascade score of the covering receptive fields, zeta={args.zeta}, sampled "
+                   f"{localizer.describe()} of the {args.image_size[0]}x{args.image_size[1]} input; >= 1 = abnormal at "
+                   f"the paper's thresholds; frame score = its maximum (float32)",
             "args": common.args_to_dict(args)}
     common.write_scores(os.path.join(args.out, "scores.npz"), frame_scores, maps, meta)
     elapsed = time.time() - t0
     num_frames = sum(len(v) for v in test_frames.values())
     fps = num_frames / elapsed
-    print(f"test: {num_frames} frames in {elapsed:.2f} s = {fps:.1f} frames/s (cached frames -> scores.npz, "
-          f"{device.type}{', bf16 autocast' if use_amp(args) else ', float32'}, batch {args.test_batch_size})")
+    print(f"test: {num_frames} frames ({plan.num_targets} scored) in {elapsed:.2f} s = {fps:.1f} frames/s "
+          f"(cached frames -> scores.npz: frame cache reads, copies to the device, D_t, C1-S1-C2, G1, CT, G2, zeta maps, "
+          f"frame scores, copy back, writing scores.npz; excludes model load, warm-up and evaluation; "
+          f"{device.type}, {'bf16 autocast convolutions' if use_amp(args) else 'float32'}, batch {args.test_batch_size})")
 
     # the paper's binary detector: a frame is abnormal when its score (max of the map) is >= 1
     labels = np.concatenate([ds.video(n).labels for n in frame_scores]).astype(bool)
@@ -684,12 +914,8 @@ def test(model, ds, args, train_time):
     op = {"frame_tpr": float(pred[labels[valid]].mean()) if labels[valid].any() else None,
           "frame_fpr": float(pred[~labels[valid]].mean()) if (~labels[valid]).any() else None}
     alpha, beta, phi = model.thresholds.tolist()
-    protocol = (f"{args.dataset} test split, frames resized to {args.input_size[0]}x{args.input_size[1]}, "
-                f"layer C{args.layer}, {'cascade G1+CT(h=%d)+G2 on %s regions' % (model.hidden, args.ct_regions) if not args.no_cascade else 'single Gaussian ' + args.single_classifier}, "
-                f"zeta {args.zeta}, AE epochs {args.epochs} on {args.ae_samples} regions, backbone: {args.backbone_source}, "
-                f"normalize {args.normalize}")
-    extra = {"train_time_s": train_time, "test_fps": fps, "protocol": protocol,
-             "thresholds": {"alpha": alpha, "beta": beta, "phi": phi},
+    extra = {"train_time_s": train_time, "test_fps": fps, "run_protocol": protocol_label(model, args),
+             "backbone": args.backbone_source, "thresholds": {"alpha": alpha, "beta": beta, "phi": phi},
              "operating_point": op, "device": str(device),
              "command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
     result = vad_eval.evaluate_run(args.out, ds, normalize=args.normalize, smooth=args.smooth, extra=extra)
@@ -704,13 +930,18 @@ def test(model, ds, args, train_time):
 # main
 # ----------------------------------------------------------------------------------------------------------
 
+# settings a model was trained with: a test-only run reports these from model.pt, a resumed run keeps them
+TRAINING_KEYS = ("layer", "hidden", "image_size", "epochs", "batch_size", "lr", "seed", "ae_samples",
+                 "threshold_samples", "rho", "sparsity_weight", "weight_decay", "cov_eps", "alpha_pct", "beta_pct",
+                 "phi_pct", "backbone_weights")
+RESUME_KEYS = tuple(k for k in TRAINING_KEYS if k != "epochs")       # a resumed run may train longer
+
+
 def build_parser():
     parser = common.build_parser("deep_anomaly", __doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, choices=(1, 2, 3), default=2,
                         help="AlexNet layer C_k giving the regional features (Table 1); the paper uses 2")
     parser.add_argument("--hidden", type=int, default=500, help="CT kernels = sparse-AE hidden size (Table 2: 100, 256, 500)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="frame size fed to the network (default: the paper's 240 320; synthetic: native 120 180)")
     parser.add_argument("--backbone-weights", default=None,
                         help="'imagenet' (torchvision alexnet-owt-7be5be79.pth via torch.hub), PATH, or 'none' = random "
                              "(default: imagenet; synthetic: none)")
@@ -719,7 +950,7 @@ def build_parser():
     parser.add_argument("--single-classifier", choices=("g1", "g2"), default="g2",
                         help="with --no-cascade: g1 = Gaussian on C_k (Table 1, Table 3 'C2 output'), g2 = Gaussian on CT (Table 2)")
     parser.add_argument("--ct-regions", choices=("suspicious", "all"), default="suspicious",
-                        help="regions that go through CT and G2: the suspicious ones (the paper; fast) or all (exact "
+                        help="regions whose CT/G2 distance enters the score: the suspicious ones (the paper) or all (exact "
                              "joint-threshold ROC score everywhere)")
     parser.add_argument("--alpha", type=float, default=None, help="G1 'abnormal' threshold (default: percentile --alpha-pct)")
     parser.add_argument("--beta", type=float, default=None, help="G1 'normal' threshold (default: percentile --beta-pct)")
@@ -736,15 +967,16 @@ def build_parser():
                         "(default 200000; synthetic 50000)")
     parser.add_argument("--threshold-samples", type=int, default=None, help="training regions for the threshold percentiles "
                         "(default 200000; synthetic 50000)")
-    parser.add_argument("--test-batch-size", type=int, default=None, help="frames per forward pass (default 32 on CPU, 512 on CUDA)")
+    parser.add_argument("--test-batch-size", type=int, default=None,
+                        help="target frames per forward pass, in training passes and at test (default 32 on CPU, 512 on CUDA)")
     return parser
 
 
 def resolve_defaults(args):
     synthetic = args.dataset == "synthetic"
-    if args.input_size is None:
-        args.input_size = [120, 180] if synthetic else [240, 320]
-    args.input_size = tuple(int(v) for v in args.input_size)
+    if args.image_size is None:
+        args.image_size = (120, 180) if synthetic else (240, 320)
+    args.image_size = tuple(int(v) for v in args.image_size)
     if args.backbone_weights is None:
         args.backbone_weights = "none" if synthetic else "imagenet"
     if args.epochs is None:
@@ -758,32 +990,54 @@ def resolve_defaults(args):
         args.test_batch_size = 512 if args.device.type == "cuda" else 32
     if args.zeta < 0:
         raise common.DataError(f"--zeta {args.zeta}: expected >= 0")
+    if args.test_batch_size < 1:
+        raise common.DataError(f"--test-batch-size {args.test_batch_size}: expected >= 1")
     return args
 
 
+def load_model_checkpoint(path: str) -> dict:
+    ckpt = common.load_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise common.DataError(f"{path}: written by an older deep_anomaly.py (D_t of three consecutive averaged frames, "
+                               f"expected {CHECKPOINT_FORMAT!r}); retrain with --train into a new --out")
+    return ckpt
+
+
 def main(argv=None):
-    args = resolve_defaults(common.parse_args(build_parser(), argv))
+    parser = build_parser()
+    args = common.parse_args(parser, argv)
+    ckpt_path = os.path.join(args.out, "model.pt")
+    resume_ckpt = None
+    if args.test and not args.train:            # report the settings the model was trained with
+        saved = load_model_checkpoint(ckpt_path)
+        common.restore_training_args(args, parser, saved["args"], TRAINING_KEYS)
+    elif args.train and args.resume and os.path.isfile(ckpt_path):
+        resume_ckpt = load_model_checkpoint(ckpt_path)
+        common.restore_training_args(args, parser, resume_ckpt["args"], RESUME_KEYS)
+    elif args.train and args.resume:
+        common.resume_checkpoint(ckpt_path, True)              # says "no checkpoint yet, starting fresh"
+    args = resolve_defaults(args)
     common.seed_everything(args.seed)
     if args.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False   # G1 / CT / G2 products in IEEE float32
+        torch.backends.cudnn.allow_tf32 = True          # convolutions: cuDNN's TF32 (PyTorch's default)
     os.makedirs(args.out, exist_ok=True)
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
-    ckpt_path = os.path.join(args.out, "model.pt")
     train_time = 0.0
     if args.train:
         model = DeepAnomaly(args.layer, args.hidden)
-        resuming = args.resume and os.path.isfile(ckpt_path)
-        if resuming:
-            args.backbone_source = common.load_checkpoint(ckpt_path).get("backbone", "from model.pt")
+        if resume_ckpt is not None:
+            args.backbone_source = resume_ckpt.get("backbone", "from model.pt")
         else:
             args.backbone_source = common.load_alexnet_features(model.backbone, args.backbone_weights, args.backbone_url)
-        print(f"deep_anomaly: {args.dataset}, input {args.input_size[0]}x{args.input_size[1]}, layer C{args.layer}, "
+        print(f"deep_anomaly: {args.dataset}, input {args.image_size[0]}x{args.image_size[1]}, layer C{args.layer}, "
               f"hidden {args.hidden}, {args.backbone_source}, device {args.device}")
-        train_time = train(model, ds, args)
+        train_time = train(model, ds, args, argv, resume_ckpt)
+        if train_time is None:                  # --max-minutes: checkpoint written, no testing
+            return
     if args.test:
-        ckpt = common.load_checkpoint(ckpt_path)
+        ckpt = load_model_checkpoint(ckpt_path)
         saved = ckpt["args"]
         if ckpt.get("stage") != "done":
             raise common.DataError(f"{ckpt_path}: training did not finish (stage {ckpt.get('stage')}); run --train --resume")
@@ -793,11 +1047,14 @@ def main(argv=None):
         if not trained_ct and not (args.no_cascade and args.single_classifier == "g1"):
             raise common.DataError(f"{ckpt_path}: trained without CT/G2 (--no-cascade --single-classifier g1); "
                                    "test with the same flags or retrain")
-        args.layer, args.input_size = int(saved["layer"]), tuple(saved["input_size"])
+        args.layer, args.image_size = int(saved["layer"]), tuple(saved["image_size"])
         args.backbone_source = ckpt.get("backbone", "?")
         if args.alpha is not None or args.beta is not None or args.phi is not None:
-            a, b, p = model.thresholds.tolist()
-            model.thresholds.copy_(torch.tensor([args.alpha or a, args.beta or b, args.phi or p]))
+            fitted = model.thresholds.tolist()
+            chosen = [fitted[i] if v is None else v for i, v in enumerate((args.alpha, args.beta, args.phi))]
+            if not args.no_cascade and not chosen[1] < chosen[0]:
+                raise common.DataError(f"--alpha/--beta: beta {chosen[1]:.4g} must be below alpha {chosen[0]:.4g}")
+            model.thresholds.copy_(torch.tensor(chosen))
         if not args.train:
             train_time = float(ckpt.get("train_time_s") or 0.0)
         test(model, ds, args, train_time)

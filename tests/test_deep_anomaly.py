@@ -36,29 +36,32 @@ def test_import_needs_no_torchvision():
 # ------------------------------------------------------------------------------------------ D_t
 
 
-def test_make_dt_averages_pairs_and_stacks_three():
+def test_make_dt_uses_six_frames_three_disjoint_pairs():
+    """D_t = <I'_t-4, I'_t-2, I'_t>: six consecutive frames, each entering one pair average once.
+    Mutation caught: D_t from three consecutive averaged frames <I'_t-2, I'_t-1, I'_t> (four frames, the
+    previous construction), and any lag or channel-order change in network_input."""
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (9, 5, 7), dtype=np.uint8)
+    frames = rng.integers(0, 256, (11, 5, 7), dtype=np.uint8)
     d = da.make_dt(torch.from_numpy(frames)).numpy()
     assert d.shape == (6, 3, 5, 7)
     f = frames.astype(np.float64) / 255
     for n in range(6):
-        t = n + 3                                   # target frame of row n
-        for c in range(3):                          # channel c = I'_{t-2+c}
-            s = t - 2 + c
-            np.testing.assert_allclose(d[n, c], (f[s] + f[s - 1]) / 2, atol=1e-6)
-    # six frame slots per pass, frames t-3 .. t: all influence D_t
-    assert da.FRAMES_BEFORE == 3
-    # the fused, channels-last network input equals the plain construction followed by per-channel normalisation
+        t = n + 5                                   # target frame of row n
+        for c, lag in enumerate((4, 2, 0)):         # channel c = I'_{t-lag} = (I_{t-lag} + I_{t-lag-1}) / 2
+            np.testing.assert_allclose(d[n, c], (f[t - lag] + f[t - lag - 1]) / 2, atol=1e-6)
+    assert da.FRAMES_BEFORE == 5                    # frames t-5 .. t, all six used
+    # the fused, channels-last network input equals the plain construction followed by per-channel normalisation,
+    # also for target positions that are not consecutive (batches that run across videos)
     mean, std = torch.tensor(da.IMAGENET_MEAN), torch.tensor(da.IMAGENET_STD)
-    fused = da.network_input(torch.from_numpy(frames), mean, std)
     plain = (torch.from_numpy(d) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    pos = torch.tensor([5, 7, 10, 6])
+    fused = da.network_input(torch.from_numpy(frames), pos, mean, std)
+    torch.testing.assert_close(fused, plain[pos - 5], rtol=1e-5, atol=1e-5)
     assert fused.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_regional_feature_shapes_per_layer():
-    frames = torch.randint(0, 256, (2 + 3, 240, 320), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (2 + 5, 240, 320), dtype=torch.uint8)
     expected = {1: (59, 79, 64), 2: (29, 39, 192), 3: (14, 19, 384)}
     for layer, shape in expected.items():
         model = da.DeepAnomaly(layer, hidden=16).eval()
@@ -192,6 +195,49 @@ def test_mahalanobis_is_finite_with_dead_channels():
     np.testing.assert_allclose(g.distance(q).numpy(), [mahalanobis(v, x.mean(0), vi) for v in q.numpy()], rtol=2e-3)
 
 
+def test_float32_mahalanobis_against_float64_reference():
+    """The test path's float32 distance (precomputed inverse Cholesky factor, one matrix product) against the
+    float64 distance of the same regularised Gaussian, at the paper's sizes (C2: 192, CT: 500), with ReLU-like
+    features far from the origin, dead channels and a condition number of ~1e6: relative error < 1e-4.
+    Mutation caught: the quadratic form expanded in float32 (x'Px - 2 mu'Px + mu'P mu with P = Sigma^-1),
+    or the Cholesky factor computed in float32."""
+    rng = np.random.default_rng(5)
+    for d in (192, 500):
+        basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+        spectrum = np.logspace(0, -6, d)
+        cov = (basis * spectrum) @ basis.T
+        cov[:, :7] = cov[:7, :] = 0.0                        # dead channels
+        mean = np.abs(rng.normal(3.0, 1.0, d))
+        mean[:7] = 0.0
+        g = da.GaussianClassifier(d)
+        ridge = g.fit(torch.from_numpy(mean), torch.from_numpy(cov), 1e-3)
+        chol = np.linalg.cholesky(cov + ridge * np.eye(d))
+        x = mean + rng.standard_normal((200, d)) @ chol.T * rng.uniform(0.2, 5.0, (200, 1))
+        ref = np.linalg.norm(np.linalg.solve(chol, (x - mean).T), axis=0)
+        got = g.distance(torch.from_numpy(x).float()).double().numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4)
+
+
+def test_classifiers_stay_float32_under_autocast():
+    """--amp runs the convolutions in bf16; G1, CT and G2 must not follow. Mutation caught: removing the
+    autocast-disabled region in GaussianClassifier.distance or SparseAutoencoder.encode (F.linear would run in
+    bf16, errors ~1e-2)."""
+    torch.manual_seed(1)
+    d = 192
+    g = da.GaussianClassifier(d)
+    a = torch.randn(d, d, dtype=torch.float64)
+    g.fit(torch.rand(d, dtype=torch.float64) * 3, a @ a.T / d, 1e-3)
+    ae = da.SparseAutoencoder(d, 64)
+    x = torch.rand(300, d) * 3
+    plain_d, plain_h = g.distance(x), ae.encode(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        amp_d, amp_h = g.distance(x.bfloat16()), ae.encode(x)
+    assert amp_d.dtype == torch.float32 and amp_h.dtype == torch.float32
+    torch.testing.assert_close(amp_d, g.distance(x.bfloat16().float()))
+    torch.testing.assert_close(amp_h, plain_h)
+    assert torch.equal(plain_d, g.distance(x))
+
+
 # ------------------------------------------------------------------------------------------ sparse AE
 
 
@@ -249,9 +295,11 @@ def test_cascade_three_branches_and_score():
 
 
 def test_single_classifier_and_cascade_region_scores():
+    """Mutation caught: CT/G2 scores outside the suspicious band, a wrong band, the masked (CUDA) and the
+    gathered (CPU) computation disagreeing, single-classifier branches swapped."""
     torch.manual_seed(0)
     model = da.DeepAnomaly(2, hidden=8).eval()
-    frames = torch.randint(0, 256, (4 + 3, 120, 180), dtype=torch.uint8)
+    frames = torch.randint(0, 256, (4 + 5, 120, 180), dtype=torch.uint8)
     with torch.inference_mode():
         feats = model.regional_features(frames)
         d1, d2 = model.distances(feats)
@@ -259,17 +307,18 @@ def test_single_classifier_and_cascade_region_scores():
         alpha, beta, phi = (d1.quantile(0.8).item() * 1.00001, d1.quantile(0.4).item() * 1.00001,
                             d2.median().item() * 1.00001)
         model.thresholds.copy_(torch.tensor([alpha, beta, phi]))
-        exact = model.region_scores(frames, ct_regions="all")
+        exact = model.region_scores(feats, ct_regions="all")
         torch.testing.assert_close(exact, da.cascade_score(d1, d2, alpha, beta, phi))
         # the paper's computation: CT/G2 only in the suspicious band, the lower bound d1/alpha elsewhere
-        fast = model.region_scores(frames, ct_regions="suspicious")
         band = (d1 > beta) & (d1 < alpha)
         assert band.any() and (~band).any()
-        torch.testing.assert_close(fast[band], exact[band])
-        torch.testing.assert_close(fast[~band], d1[~band] / alpha)
-        assert torch.equal(fast >= 1, exact >= 1)          # identical decisions at the paper's thresholds
-        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g1"), d1 / alpha)
-        torch.testing.assert_close(model.region_scores(frames, cascade=False, single="g2"), d2 / phi)
+        for gather in (True, False):          # CPU default (gather the band) and CUDA default (masked select)
+            fast = model.region_scores(feats, ct_regions="suspicious", gather=gather)
+            torch.testing.assert_close(fast[band], exact[band])
+            torch.testing.assert_close(fast[~band], d1[~band] / alpha)
+            assert torch.equal(fast >= 1, exact >= 1)          # identical decisions at the paper's thresholds
+        torch.testing.assert_close(model.region_scores(feats, cascade=False, single="g1"), d1 / alpha)
+        torch.testing.assert_close(model.region_scores(feats, cascade=False, single="g2"), d2 / phi)
 
 
 # ------------------------------------------------------------------------------------------ localization
@@ -322,16 +371,156 @@ def test_zeta_map_matches_brute_force():
     np.testing.assert_array_equal(got >= 1.0, (count > zeta)[np.ix_(loc.rows_px, loc.cols_px)])
 
 
+@pytest.mark.parametrize("layer", [1, 2, 3])
+@pytest.mark.parametrize("size", [(240, 320), (120, 180), (240, 360)])
+def test_map_grid_samples_every_distinct_covering_set(layer, size):
+    """The stored map must hold every distinct value of the full-resolution zeta map (so the frame score, its
+    maximum, is the full-resolution maximum): along each axis every distinct set of covering receptive
+    fields, computed here by brute force from the unit intervals, is sampled. C2 keeps the 4-pixel grid.
+    Mutation caught: the fixed rule "every jump/2 pixels from jump/4", which misses C3's 3-pixel runs."""
+    loc = da.Localizer(da.DeepAnomaly(layer, hidden=8), size, torch.device("cpu"))
+    for length, (lo, hi), sampled in [(size[0], loc.row_intervals, loc.rows_px), (size[1], loc.col_intervals, loc.cols_px)]:
+        sets = [tuple(np.flatnonzero((lo <= p) & (p <= hi))) for p in range(length)]
+        assert set(sets) == {sets[p] for p in sampled}, (layer, size, length)
+        steps = np.diff(sampled)
+        assert (steps == steps[0]).all()                # a regular grid: eval upsamples it bilinearly
+    if layer == 2:
+        assert loc.rows_px[0] == 2 and loc.rows_px[1] - loc.rows_px[0] == 4
+
+
 # ------------------------------------------------------------------------------------------ training runs
 
 
 def _small_args(cache, out, *extra):
     return ["--dataset", "synthetic", "--cache-dir", cache, "--out", str(out), "--device", "cpu",
             "--ae-samples", "3000", "--threshold-samples", "3000", "--hidden", "32", "--num-panels", "0",
-            "--input-size", "64", "96", *extra]
+            "--image-size", "32", "48", *extra]      # a 3 x 5 C2 grid: small and fast, every code path
+
+
+def _fitted_model(layer=2, hidden=8, size=(64, 96), seed=0):
+    """A random-backbone model with G1, CT and G2 fitted to random frames and thresholds inside the observed
+    distance range, so that every cascade branch occurs."""
+    torch.manual_seed(seed)
+    model = da.DeepAnomaly(layer, hidden).eval()
+    frames = torch.randint(0, 256, (12, *size), dtype=torch.uint8)
+    with torch.inference_mode():
+        feats = model.regional_features(frames).reshape(-1, da.LAYER_CHANNELS[layer]).double()
+        model.g1.fit(feats.mean(0), torch.cov(feats.T, correction=0))
+        codes = model.ct.encode(feats.float()).double()
+        model.g2.fit(codes.mean(0), torch.cov(codes.T, correction=0))
+        d1, d2 = model.distances(feats.float())
+        model.thresholds.copy_(torch.tensor([d1.quantile(0.9).item(), d1.quantile(0.3).item(), d2.median().item()]))
+    return model
+
+
+def test_score_split_equals_per_frame_computation():
+    """score_split streams all videos through fixed-size batches that cross video boundaries, with padding,
+    maps and scores kept on the device. It must equal the straightforward computation: per video and target
+    frame, make_dt -> normalise -> C1-S1-C2 -> cascade -> zeta map; frame score = float32 map maximum; frames
+    t < 5 NaN with the first scored frame's map; videos too short to score all NaN.
+    Mutation caught: an off-by-one in BatchPlan positions or segment offsets, padding rows written into the
+    outputs, frame scores taken from the float16 map, the t < 5 fill or the short-video case broken."""
+    model = _fitted_model()
+    size = (64, 96)
+    loc = da.Localizer(model, size, torch.device("cpu"))
+    rng = np.random.default_rng(6)
+    videos = {"a": rng.integers(0, 256, (9, *size), dtype=np.uint8), "short": rng.integers(0, 256, (4, *size), dtype=np.uint8),
+              "b": rng.integers(0, 256, (13, *size), dtype=np.uint8), "c": rng.integers(0, 256, (6, *size), dtype=np.uint8)}
+    mean, std = model.input_mean, model.input_std
+    expected = {}
+    with torch.inference_mode():
+        for name, v in videos.items():
+            maps = []
+            for t in range(5, len(v)):
+                x = (da.make_dt(torch.from_numpy(v[t - 5:t + 1])) - mean) / std
+                feats = model.backbone(x, 2).permute(0, 2, 3, 1)
+                maps.append(loc(model.region_scores(feats, gather=True), 3)[0])
+            expected[name] = torch.stack(maps).numpy() if maps else None
+    for batch in (3, 64):
+        args = da.resolve_defaults(common.parse_args(da.build_parser(), ["--device", "cpu", "--test-batch-size",
+                                                                          str(batch)]))
+        scores, maps = da.score_split(model, loc, videos, args)
+        assert list(scores) == list(videos)
+        for name, v in videos.items():
+            assert scores[name].dtype == np.float32 and maps[name].dtype == np.float16
+            assert scores[name].shape == (len(v),) and maps[name].shape == (len(v), 16, 24)
+            assert np.isnan(scores[name][:5]).all()
+            if expected[name] is None:
+                assert np.isnan(scores[name]).all()
+                continue
+            want = expected[name]
+            np.testing.assert_allclose(maps[name][5:].astype(np.float32), want, rtol=2e-3, atol=1e-4)
+            np.testing.assert_allclose(scores[name][5:], want.reshape(len(want), -1).max(1), rtol=1e-5)
+            assert (maps[name][:5] == maps[name][5]).all()
+
+
+def test_batch_plan_crosses_videos_with_one_buffer_shape():
+    """Mutation caught: batches restarted per video (short videos padded to a whole batch), a buffer length
+    that varies between batches, segments missing their 5 context frames."""
+    plan = da.BatchPlan([9, 4, 13, 6], batch=5)
+    assert plan.num_targets == 4 + 0 + 8 + 1 and plan.counts == [5, 5, 3]
+    assert plan.segments[0] == [(0, 5, 9), (2, 5, 6)] and plan.segments[1] == [(2, 6, 11)]
+    assert plan.segments[2] == [(2, 11, 13), (3, 5, 6)]
+    assert plan.buffer_len == max(4 + 5 + 1 + 5, 5 + 5, 2 + 5 + 1 + 5)
+    videos = [np.full((n, 2, 2), 10 * v + np.arange(n)[:, None, None], np.uint8) for v, n in enumerate([9, 4, 13, 6])]
+    bufs = list(plan.buffers(videos))
+    assert {b.shape for b in bufs} == {(plan.buffer_len, 2, 2)}
+    for k, segs in enumerate(plan.segments):        # every target's six frames are t-5 .. t of its own video
+        row = 0
+        for v, t0, t1 in segs:
+            for t in range(t0, t1):
+                p = plan.positions[k, row]
+                assert [int(bufs[k][p - j, 0, 0]) for j in range(6)] == [10 * v + t - j for j in range(6)]
+                row += 1
+        assert (plan.positions[k, row:] == plan.positions[k, row - 1]).all()
+
+
+def test_fit_g1_uses_every_training_region_once():
+    """Pass 1 streams the training videos through padded batches that cross video boundaries. G1's moments
+    must come from every regional feature exactly once (no padding rows, no short-video frames), and the
+    auto-encoder's subset must be exactly the drawn regions, without repeats. Mutation caught: padding rows
+    kept (feats instead of feats[:n]), regions drawn with replacement."""
+    torch.manual_seed(2)
+    model = da.DeepAnomaly(2, hidden=8).eval()
+    size = (64, 96)
+    rng = np.random.default_rng(7)
+    videos = [rng.integers(0, 256, (n, *size), dtype=np.uint8) for n in (9, 4, 14)]    # 13 targets: 3 padding rows
+    args = da.resolve_defaults(common.parse_args(da.build_parser(), ["--device", "cpu", "--test-batch-size", "4",
+                                                                      "--image-size", "64", "96", "--ae-samples", "150"]))
+    with torch.inference_mode():
+        every = torch.cat([model.regional_features(torch.from_numpy(v)).reshape(-1, 192) for v in videos if len(v) > 5])
+    subset = da.fit_g1(model, videos, args)
+    ids = da.region_subset(len(every), 150, args.seed)
+    assert len(ids) == 150 and len(np.unique(ids)) == 150
+    torch.testing.assert_close(subset, every[torch.from_numpy(ids)])
+    torch.testing.assert_close(model.ct.in_mean, every.double().mean(0).float(), rtol=1e-5, atol=1e-5)
+    cov = torch.cov(every.double().T, correction=0)
+    ref = da.GaussianClassifier(192)
+    ref.fit(every.double().mean(0), cov, args.cov_eps)
+    torch.testing.assert_close(model.g1.whiten, ref.whiten, rtol=1e-3, atol=1e-3)
+
+
+def test_image_size_flag_replaces_input_size(tmp_path):
+    """One name for the input size. Mutation caught: the old --input-size kept, or --image-size ignored."""
+    parser = da.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--input-size", "64", "96"])
+    args = da.resolve_defaults(common.parse_args(parser, ["--device", "cpu", "--image-size", "64"]))
+    assert args.image_size == (64, 64)
+    args = da.resolve_defaults(common.parse_args(parser, ["--device", "cpu", "--dataset", "ped2"]))
+    assert args.image_size == (240, 320)
+
+
+def test_older_checkpoint_is_refused(tmp_path):
+    """A model.pt of the older D_t layout (no format tag) must not be scored with the new D_t.
+    Mutation caught: dropping the format check in load_model_checkpoint."""
+    common.save_checkpoint(str(tmp_path / "model.pt"), {"model": {}, "stage": "done", "args": {"layer": 2}})
+    with pytest.raises(common.DataError, match="older deep_anomaly"):
+        da.main(["--dataset", "synthetic", "--out", str(tmp_path), "--device", "cpu", "--test"])
 
 
 def test_nan_loss_stops_training(shared_cache, tmp_path, monkeypatch):
+    """Mutation caught: the loss monitor not checked before an epoch's checkpoint (a NaN model saved)."""
     def nan_loss(x, hidden, recon, weights, *a, **k):
         total = (recon - x).sum() * float("nan")
         return total, {"recon": total, "decay": total, "kl": total}
@@ -341,24 +530,49 @@ def test_nan_loss_stops_training(shared_cache, tmp_path, monkeypatch):
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_checkpoint_then_resume(shared_cache, tmp_path, capsys):
-    da.main(_small_args(shared_cache, tmp_path, "--train", "--epochs", "1"))
-    first = common.load_checkpoint(str(tmp_path / "model.pt"))
-    assert first["stage"] == "done" and first["epoch"] == 1
-    steps_1 = max(s["step"] for s in first["optimizer"]["state"].values())
-    da.main(_small_args(shared_cache, tmp_path, "--train", "--epochs", "2", "--resume"))
-    assert "resumed from" in capsys.readouterr().out
-    second = common.load_checkpoint(str(tmp_path / "model.pt"))
-    assert second["epoch"] == 2
-    steps_2 = max(s["step"] for s in second["optimizer"]["state"].values())
-    assert steps_2 == 2 * steps_1                     # epoch 2 continued the same optimizer
-    assert not torch.equal(first["model"]["ct.encoder.weight"], second["model"]["ct.encoder.weight"])
-    # the backbone came from the checkpoint, unchanged
-    assert torch.equal(first["model"]["backbone.features.3.weight"], second["model"]["backbone.features.3.weight"])
+def test_time_sliced_training_equals_uninterrupted(shared_cache, tmp_path, monkeypatch, capsys):
+    """--max-minutes slices (the budget "expires" at every 4th check: after the G1 pass, inside epochs, at an
+    epoch end, before G2) resumed with --resume end bit for bit where one uninterrupted run ends: G1, the
+    auto-encoder (CT), G2, thresholds and the optimiser state. A stopped slice exits without testing and
+    prints the continue command.
+    Mutation caught: the shuffling generator re-seeded on resume (the previous behaviour), the position in the
+    epoch or the optimiser state not restored, the subset redrawn, G1 refitted on resume."""
+    extra = ["--train", "--epochs", "2", "--batch-size", "256"]
+    whole = tmp_path / "whole"
+    da.main(_small_args(shared_cache, whole, *extra))
+    calls = {"n": 0}
+
+    def expired(self):
+        calls["n"] += 1
+        return calls["n"] % 4 == 0
+    monkeypatch.setattr(common.TimeBudget, "expired", expired)
+    sliced = tmp_path / "sliced"
+    capsys.readouterr()
+    steps_seen, argv = set(), _small_args(shared_cache, sliced, *extra, "--max-minutes", "1")
+    for slice_number in range(30):
+        da.main(argv + (["--resume"] if slice_number else []))
+        ckpt = common.load_checkpoint(str(sliced / "model.pt"))
+        if ckpt["stage"] == "done":
+            break
+        steps_seen.add((ckpt["stage"], ckpt["step"]))
+    printed = capsys.readouterr().out
+    assert slice_number >= 3 and any(stage == "autoencoder" and step > 0 for stage, step in steps_seen)
+    assert "continue with: python deep_anomaly.py" in printed and "--resume" in printed
+    assert "frames/s" not in printed                          # a stopped slice does not test
+    a, b = common.load_checkpoint(str(whole / "model.pt")), common.load_checkpoint(str(sliced / "model.pt"))
+    assert list(a["model"]) == list(b["model"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
+    assert "subset" not in b                                  # the finished model.pt drops the AE's data
 
 
 def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):
-    """The synthetic defaults except a shorter auto-encoder schedule (5 epochs on 20,000 regions) for CI time."""
+    """The synthetic defaults except a shorter auto-encoder schedule (5 epochs on 20,000 regions) for CI time.
+    Mutation caught (besides a broken pipeline): a test-only run reporting the command line's training settings
+    instead of the checkpoint's; the protocol string not naming the random backbone."""
     out = tmp_path / "run"
     da.main(["--dataset", "synthetic", "--cache-dir", shared_cache, "--out", str(out), "--device", "cpu",
              "--epochs", "5", "--ae-samples", "20000", "--threshold-samples", "20000"])
@@ -367,18 +581,24 @@ def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["frame_auc_micro"] >= 0.75, metrics
     assert metrics["pixel_auc"] is not None
-    assert metrics["test_fps"] > 0 and "alexnet-random" in metrics["protocol"]
+    assert metrics["test_fps"] > 0 and metrics["backbone"] == "alexnet-random"
     with np.load(out / "scores.npz") as z:
         frame = z["frame/Test001"]
         vmap = z["map/Test001"]
-    assert np.isnan(frame[:3]).all() and np.isfinite(frame[3:]).all()
+    assert np.isnan(frame[:5]).all() and np.isfinite(frame[5:]).all()
     assert vmap.dtype == np.float16 and vmap.shape == (len(frame), 30, 45)
-    np.testing.assert_allclose(frame[3:], vmap[3:].astype(np.float32).reshape(len(frame) - 3, -1).max(1), rtol=1e-6)
-    # a test-only run reloads model.pt and reproduces the scores
+    # frame score = float32 maximum of the map, stored as float16
+    np.testing.assert_allclose(frame[5:], vmap[5:].astype(np.float32).reshape(len(frame) - 5, -1).max(1), rtol=1e-3)
+    assert "paper architecture" in metrics["run_protocol"] and "RANDOM" in metrics["run_protocol"]
+    assert "5 epochs" in metrics["run_protocol"] and "20000 regions" in metrics["run_protocol"]
+    # a test-only run reloads model.pt, reports the training settings stored there (warning about the
+    # command line's --epochs) and reproduces the scores
     da.main(["--dataset", "synthetic", "--cache-dir", shared_cache, "--out", str(out), "--device", "cpu", "--test",
-             "--num-panels", "0"])
+             "--num-panels", "0", "--epochs", "7"])
+    assert "--epochs 7 ignored" in capsys.readouterr().err
     again = json.loads((out / "metrics.json").read_text())
     assert again["frame_auc_micro"] == pytest.approx(metrics["frame_auc_micro"])
+    assert "5 epochs" in again["run_protocol"] and "20000 regions" in again["run_protocol"]
 
 
 @pytest.mark.slow
