@@ -658,6 +658,9 @@ def evaluate_run(out_dir: str, ds, *, normalize="none", smooth="none", unscored=
     except common.DataError as e:
         raise common.DataError(f"{path}: {e}") from None
     method = meta.get("method", os.path.basename(os.path.normpath(out_dir)))
+    clash = sorted(set(extra or {}) & (set(result) | {"method", "dataset"}))
+    if clash:       # e.g. a script's own protocol string must go under another key ("run_protocol")
+        raise ValueError(f"evaluate_run: extra keys {clash} would overwrite the evaluation's own results")
     result = {"method": method, "dataset": meta.get("dataset", ds.name), **result, **(extra or {})}
     common.write_json(os.path.join(out_dir, "metrics.json"), result)
     if plots:

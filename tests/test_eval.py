@@ -527,6 +527,9 @@ def test_evaluate_run_writes_metrics_and_plots(tmp_path, capsys):
     assert len(out) == 1 and out[0].startswith("toy: frame AUC")
     one_line_error(lambda: ev.evaluate_run(str(tmp_path), make_ds(labels + [np.zeros(4)])),
                    "Test003", str(tmp_path / "scores.npz"))
+    # A script's extra must not overwrite the evaluation's own keys (a protocol string over the protocol dict).
+    with pytest.raises(ValueError, match="protocol"):
+        ev.evaluate_run(str(tmp_path), ds, extra={"protocol": "paper settings"}, plots=False)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
