@@ -499,10 +499,12 @@ def test_umn_reader(tmp_path, fmt, cache_dir):
 @pytest.mark.slow
 def test_synthetic_generation_benchmark(tmp_path):
     """Benchmark, outside the default suite (a wall-clock limit fails on a busy machine): generating the
-    synthetic dataset takes under 5 s."""
+    synthetic dataset takes ~1-2 s on 2 free cores; the bound only catches a gross slow-down."""
     t0 = time.perf_counter()
     common.load_dataset("synthetic", cache_dir=str(tmp_path / "c"), seed=0)
-    assert time.perf_counter() - t0 < 5
+    seconds = time.perf_counter() - t0
+    print(f"synthetic dataset generated in {seconds:.1f} s")
+    assert seconds < 30
 
 
 def test_synthetic_dataset(shared_cache, tmp_path, monkeypatch):
