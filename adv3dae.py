@@ -411,11 +411,7 @@ class DeviceSplit:
     @staticmethod
     def fits(videos: list, device, fraction: float = 0.5) -> bool:
         """True on CUDA when the split takes at most `fraction` of the free device memory."""
-        device = torch.device(device)
-        if device.type != "cuda":
-            return False
-        free, _ = torch.cuda.mem_get_info(device)
-        return sum(np.asarray(v[:1]).nbytes * len(v) for v in videos) <= fraction * free
+        return common.fits_on_device(sum(np.asarray(v[:1]).nbytes * len(v) for v in videos), device, fraction)
 
 
 class FrameStream:

@@ -1639,6 +1639,14 @@ def pad_batch(batch, size: int):
     return torch.cat([batch, batch[-1:].expand(size - n, *batch.shape[1:])]), n
 
 
+def fits_on_device(num_bytes: int, device, fraction: float = 0.5) -> bool:
+    """True on CUDA when `num_bytes` take at most `fraction` of the device's free memory (False elsewhere):
+    whether a whole training split can be held on the GPU."""
+    import torch
+    device = torch.device(device)
+    return device.type == "cuda" and num_bytes <= fraction * torch.cuda.mem_get_info(device)[0]
+
+
 def synchronize(device) -> None:
     """Wait for the device's queued work (a no-op on CPU): call before reading a timer."""
     import torch

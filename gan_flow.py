@@ -302,7 +302,7 @@ class TrainingSplit:
         self.pairs = training_pairs(train_flows, stride)
         self.nbytes = sum(f.nbytes for f in self.frames_list) + sum(f.nbytes for f in self.flows_list)
         if hold is None:
-            hold = device.type == "cuda" and self.nbytes < 0.5 * torch.cuda.mem_get_info(device)[0]
+            hold = common.fits_on_device(self.nbytes, device)
         self.on_device = bool(hold)
         if self.on_device:
             frame_start = np.cumsum([0] + [len(f) for f in self.frames_list])

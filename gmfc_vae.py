@@ -376,9 +376,7 @@ def frames_to_tensor(frames, device):
 
 def patches_fit(device, num_bytes: int) -> bool:
     """Keep a training set on the device when it takes under half of the free memory (always on CPU)."""
-    if device.type != "cuda":
-        return True
-    return num_bytes < 0.5 * torch.cuda.mem_get_info(device)[0]
+    return device.type != "cuda" or common.fits_on_device(num_bytes, device)
 
 
 def extract_patches(stream: str, frames: dict, flows: dict, positions: dict, flow_scale: float, args, device,

@@ -405,10 +405,7 @@ class TrainingWindows:
     def __init__(self, frames, windows, device):
         self.device = torch.device(device)
         self.num_windows = len(windows)
-        on_device = True
-        if self.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            on_device = frames.nbytes <= free_bytes // 4
+        on_device = self.device.type != "cuda" or common.fits_on_device(frames.nbytes, self.device, 0.25)
         self.store = self.device if on_device else torch.device("cpu")
         self.frames = common.to_device(frames, self.store)
         self.windows = common.to_device(windows, self.store)

@@ -144,3 +144,11 @@ def test_prefetch_to_device_yields_every_batch_in_order_on_cpu():
 def test_prefetch_to_device_yields_every_batch_in_order_on_cuda():
     """Catches: a pinned buffer overwritten while its copy is in flight (wrong data), or a lost batch."""
     _check_prefetch("cuda")
+
+
+def test_fits_on_device_compares_with_a_fraction_of_free_cuda_memory(monkeypatch):
+    """Catches: the fraction ignored, total instead of free memory, or True off CUDA."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    assert common.fits_on_device(500, "cuda") and not common.fits_on_device(501, "cuda")
+    assert common.fits_on_device(250, "cuda", 0.25) and not common.fits_on_device(251, "cuda", 0.25)
+    assert not common.fits_on_device(1, "cpu")
