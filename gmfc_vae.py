@@ -67,6 +67,9 @@ Choices the paper leaves open (documented, not deviations)
   layer starts at the scale of the latent clusters instead of unit variance (which would be orders of magnitude
   wider than the clusters and swamp eq. 14's KL term in the first VaDE steps).
 - Two learning-rate flags: `--pretrain-lr` (auto-encoder) and `--lr` (VaDE); both 1e-4 as in the paper.
+- Pre-training: the paper's "stacked Auto-Encoder which has the same network architecture as the Encoder and
+  Decoder" is trained end to end on the squared error (encoder, F5 as the code, decoder); the paper describes
+  no greedy layer-wise stage, so there is none.
 - Ped1/Ped2 are gray: the appearance stream replicates the gray frame into 3 channels (Table I's 3-channel
   input). Colour datasets use RGB frames.
 - Maps: the energy grid (15x10 per frame at 420x280) is written nearest-upsampled by 4 (40x60) so the

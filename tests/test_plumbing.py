@@ -22,6 +22,18 @@ def test_image_size_one_number_is_square_and_two_are_h_w():
     assert _parse([]).image_size is None
 
 
+def test_parse_args_flushes_denormals():
+    """Catches: denormal floats left on, which slowed CPU training steps of trained models 6x."""
+    tiny = torch.tensor([1e-39], dtype=torch.float32)         # a float32 denormal
+    torch.set_flush_denormal(False)
+    try:
+        assert (tiny * 1.0).item() != 0.0
+        _parse([])
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(True)
+
+
 @pytest.mark.parametrize("argv", [["--image-size", "1", "2", "3"], ["--image-size", "0"], ["--max-minutes", "0"]])
 def test_bad_size_or_budget_is_a_data_error(argv):
     """Catches: three sizes, a zero size or a zero budget accepted silently."""
