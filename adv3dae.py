@@ -21,6 +21,9 @@ of s_t, merged within 50 frames (Table X; done by eval.py). `--layers 6` is the 
 
 Implementation choices the paper leaves open (not deviations, but stated so they can be checked)
 ------------------------------------------------------------------------------------------------
+- Input scale: gray frames are divided by 255 (to [0, 1]) before the training mean image is subtracted;
+  the paper says only "we normalize the images", and [0, 1] is Hasan et al.'s scale. The noise sigma
+  (0.005) and the size of the reconstruction errors are relative to this scale.
 - Channel widths (not in the text): encoder convs 32, 64, 128, 128, 128 (`--channels`), decoder mirrored
   (128, 128, 64, 32 -> 1). This is C3D's 64/128/256 halved, chosen so that one 224x224 frame costs ~4.7
   GFLOP and the test-time target (4,700 frames/s on an H200) is reachable. `--layers 6` keeps the first three
@@ -69,7 +72,9 @@ Implementation choices the paper leaves open (not deviations, but stated so they
 - scores.npz holds s_t of eq. 14 (already normalised per video by this script), so eval.py is called with
   normalize="none"; the raw e_t are written next to it in raw_errors.npz. Maps: the per-pixel squared error
   averaged over `--map-pool` x `--map-pool` blocks (default 4: 56x56 maps at 224x224 input) to keep
-  scores.npz small; divided by max_t e_t of the video so that map and score share a scale.
+  scores.npz small; divided by max_t e_t of the video, so that maps of different videos share a scale (a
+  map's frame mean is e_t / max_t e_t = s_t + min_t e_t / max_t e_t: the score up to a per-video offset).
+  The paper reports no pixel-level results, so the pixel metrics have no figure to compare with.
 - `--flow`: a second, independent auto-encoder + discriminator on optical flow (common.load_flows, Farneback),
   encoded as in Ravanbakhsh et al. [11]: three channels dx, dy, magnitude; frame t uses the flow t -> t+1
   (the last frame reuses the previous flow); minus the training mean flow image and divided by the training
@@ -94,8 +99,9 @@ Running on a GPU
   testing. Slices resumed this way end with the same weights as one uninterrupted run (bit for bit on CPU).
 - Test: all clips of the split stream through batches of one shape (`--test-batch-size`; the last batch is
   padded by repeating its last clip, and the padded rows are dropped), copied to the GPU from reused pinned
-  buffers one batch ahead (common.prefetch_to_device); per-frame errors and maps are accumulated on the GPU
-  and copied back once for the whole split. A warm-up batch of the same shape runs before the timer, so
+  buffers one batch ahead (common.prefetch_to_device); per-frame errors and maps are accumulated and
+  averaged on the GPU and copied back once for the whole split. The input statistics (mean image, flow
+  std) are moved to the GPU once: a host tensor in the per-batch transform would be a blocking copy. A warm-up batch of the same shape runs before the timer, so
   cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
   reconstruction, error maps, eq. 14, writing scores.npz), not model load, warm-up or evaluation.
 - bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
@@ -421,7 +427,7 @@ class FrameStream:
     CHUNK = 256                                 # frames summed at a time by fit_stats
 
     def __init__(self, mean_image: torch.Tensor):
-        self.mean_image = mean_image            # (H, W) float32 in [0, 1]
+        self.mean_image = mean_image            # (H, W) float32 in [0, 1], on the compute device
 
     @staticmethod
     def fit_stats(train_frames: list) -> dict:
@@ -437,7 +443,7 @@ class FrameStream:
 
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
         """batch: uint8 (B, L, H, W) on the compute device."""
-        x = batch.float().div_(255.0).sub_(self.mean_image.to(batch.device))
+        x = batch.float().div_(255.0).sub_(self.mean_image)
         return x.unsqueeze(1)
 
 
@@ -449,7 +455,7 @@ class FlowStream:
     CHUNK = 64                                  # flows accumulated at a time by fit_stats
 
     def __init__(self, mean_image: torch.Tensor, channel_std: torch.Tensor):
-        self.mean_image, self.channel_std = mean_image, channel_std   # (H, W, 3), (3,)
+        self.mean_image, self.channel_std = mean_image, channel_std   # (H, W, 3), (3,), on the compute device
 
     @staticmethod
     def fit_stats(train_flows: list) -> dict:
@@ -472,7 +478,7 @@ class FlowStream:
         """batch: float16 (B, L, H, W, 2) on the compute device."""
         f = batch.float()
         f = torch.cat([f, f.pow(2).sum(-1, keepdim=True).sqrt()], -1)
-        f = (f - self.mean_image.to(f.device)) / self.channel_std.to(f.device)
+        f = (f - self.mean_image) / self.channel_std
         return f.permute(0, 4, 1, 2, 3).contiguous()
 
 
@@ -640,7 +646,7 @@ def score_videos(ae: Adv3DAE, stream, sources: list, num_frames: list, args, des
     # global frame index of every clip position (short videos: padding positions -> their last frame)
     frame_index = np.minimum(clip_frame_indices(clips, clip_len), lengths[clips[:, 0], None] - 1) \
         + offsets[clips[:, 0], None]
-    count = np.bincount(frame_index.ravel(), minlength=int(lengths.sum())).astype(np.float64)
+    count = common.to_device(np.bincount(frame_index.ravel(), minlength=int(lengths.sum())).astype(np.float32), device)
     frame_index_dev = common.to_device(frame_index, device)
     h, w = args.image_size
     err_sum = torch.zeros(int(lengths.sum()), device=device)
@@ -664,8 +670,9 @@ def score_videos(ae: Adv3DAE, stream, sources: list, num_frames: list, args, des
         idx = frame_index_dev[i:i + n].flatten()
         err_sum.index_add_(0, idx, frame_err.flatten())
         map_sum.index_add_(0, idx, pooled.flatten(0, 1))
-    err_all = err_sum.cpu().numpy() / count                              # the one host sync
-    map_all = map_sum.cpu().numpy() / count[:, None, None]
+    # averages over the clips holding each frame, on the device; then the one host sync
+    err_all = (err_sum / count).cpu().numpy()
+    map_all = (map_sum / count[:, None, None]).cpu().numpy()
     errors = [err_all[o:o + t].astype(np.float32) for o, t in zip(offsets, lengths)]
     maps = [map_all[o:o + t].astype(np.float32) for o, t in zip(offsets, lengths)]
     return errors, maps
@@ -835,7 +842,7 @@ def main(argv=None):
                                                            cache_dir=args.cache_dir, workers=args.workers).values())
             if "flow_mean_image" not in stats:
                 stats.update(FlowStream.fit_stats(sources["flow"]))
-        streams = make_streams(stream_names, stats)
+        streams = make_streams(stream_names, stats, args.device)
         if state is not None and state["progress"]["epoch"] >= args.epochs:
             print(f"checkpoint already at epoch {state['progress']['epoch']}/{args.epochs}: nothing to train")
             train_time = float(state["train_time_s"])
@@ -852,7 +859,7 @@ def main(argv=None):
     # ------------------------------------------------------------------ test
     if not args.test:
         return None
-    streams = make_streams(stream_names, stats)
+    streams = make_streams(stream_names, stats, args.device)
     test_sources = {"rgb": list(common.load_split_frames(ds, "test", args.image_size, gray=True,
                                                          cache_dir=args.cache_dir).values())}
     if args.flow:
@@ -891,10 +898,12 @@ def main(argv=None):
     return vad_eval.evaluate_run(args.out, ds, normalize=normalize, smooth=smooth, extra=extra)
 
 
-def make_streams(names, stats: dict) -> dict:
-    streams = {"rgb": FrameStream(stats["mean_image"])}
+def make_streams(names, stats: dict, device) -> dict:
+    """The input transforms, their statistics moved to `device` once: a host tensor in a per-batch expression
+    would be a blocking copy, i.e. a GPU sync, on every step and every test batch."""
+    streams = {"rgb": FrameStream(stats["mean_image"].to(device))}
     if "flow" in names:
-        streams["flow"] = FlowStream(stats["flow_mean_image"], stats["flow_channel_std"])
+        streams["flow"] = FlowStream(stats["flow_mean_image"].to(device), stats["flow_channel_std"].to(device))
     return streams
 
 

@@ -45,13 +45,17 @@ What the method does:
     regular grid (step <= jump / 2) that hits every run of the actual frame size, borders included (C2:
     every 4 pixels from pixel 2, a 60 x 80 map for a 240 x 320 input; C3: every 8 pixels), so the stored map
     holds every distinct value of the full-resolution map and its maximum equals the full-resolution maximum
-    (checked against brute force in the tests).
+    (checked against brute force in the tests). So frame scores are exact; the pixel level is exact only on
+    that grid: eval.py upsamples every method's maps bilinearly to the mask size, which blurs the step
+    edges of this one (a few pixels per run boundary), and the map is stored in float16.
 
-Speed (the paper's point: 370 frames/s on a TITAN). The test split is streamed through batches of a fixed
+Speed (the paper's point: 370 frames/s on a TITAN). The test split goes through batches of a fixed
 number of target frames that run across video boundaries (no half-empty batch at the end of every short
 video); each batch carries the frames its targets need (targets + 5 context frames per video segment,
-padded to one length) as uint8, copied from reused pinned buffers with non_blocking copies one batch ahead
-(common.prefetch_to_device). On the device: D_t is gathered from the uint8 frames, normalised and laid
+padded to one length) as uint8. On CUDA, when the split takes at most half the free GPU memory (Ped2's
+test split: 154 MB), it is copied to the GPU once, video by video through pinned buffers, and each batch's
+frames are gathered there; otherwise each batch is assembled on the host and copied from reused pinned
+buffers with non_blocking copies one batch ahead (common.prefetch_to_device). On the device: D_t is gathered from the uint8 frames, normalised and laid
 out channels-last in one step; C1-S1-C2 run channels-last (with cuDNN's TF32, PyTorch's default for
 convolutions); G1 is one matrix product per region with a precomputed inverse Cholesky factor (float32,
 IEEE: TF32 is switched off for matrix products); CT and G2 follow; the zeta rule is two small top-k passes
@@ -94,9 +98,12 @@ Implementation choices (documented, not in the paper):
       the CPU, bit for bit).
 
 Deviations from the paper:
-    1. Backbone weights: torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth: conv2 has 192 kernels, no
-       grouping, no LRN) instead of the Caffe reference model trained on ImageNet + MIT Places (conv2 256
-       kernels in two groups, LRN after pool1), because that is the published PyTorch model (SPEC section 2).
+    1. Backbone weights: torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth: conv1 64 kernels with
+       padding 2, conv2 192 kernels, no grouping, no LRN, floor-mode pooling) instead of the Caffe reference
+       model trained on ImageNet + MIT Places (conv1 96 kernels without padding, conv2 256 kernels in two
+       groups, LRN after pool1, ceil-mode pooling), because that is the published PyTorch model (SPEC
+       section 2). At 240 x 320 the C2 grid is the same (29 x 39); receptive fields shift by 2 pixels, and
+       C1 features (Table 1's ablation) are 64-, not 96-dimensional.
        Pooling is max pooling as in both pretrained networks (the paper's text calls S1 mean pooling).
     2. No ImageNet weights can be downloaded on the machines our numbers were measured on: those runs use
        `--backbone-weights none` (random, frozen AlexNet) and their protocol string says so; they are not
@@ -438,13 +445,40 @@ class BatchPlan:
             buf[at:] = buf[at - 1]                               # padding: repeats of the last frame
             yield buf
 
+    def buffer_rows(self, lengths):
+        """(batches, buffer_len) int64: the frame that each row of each batch's buffer holds, as an index
+        into the videos laid end to end; the same rows as buffers() (padding repeats the last)."""
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        rows = np.zeros((len(self.segments), self.buffer_len), np.int64)
+        for k, segs in enumerate(self.segments):
+            idx = np.concatenate([np.arange(offsets[v] + t0 - FRAMES_BEFORE, offsets[v] + t1) for v, t0, t1 in segs])
+            rows[k, :len(idx)], rows[k, len(idx):] = idx, idx[-1]
+        return rows
 
-def stream_batches(plan: BatchPlan, videos, device):
+
+def stream_batches(plan: BatchPlan, videos, device, resident: bool | None = None):
     """Yield (frames on the device, target positions on the device, first target index, real targets) per
-    batch; the next batch's frames are copied (pinned, non_blocking) while the device works on this one."""
+    batch. When the videos fit on the device (resident, the default on CUDA where they take at most half
+    its free memory: Ped2's test split is 154 MB), they are copied there once, one video ahead of the next,
+    and each batch's buffer is a gather on the device, so no frame passes through the host again. Otherwise
+    each buffer is assembled on the host and copied (pinned, non_blocking) while the device works on the
+    previous batch."""
     positions = common.to_device(plan.positions, device)
-    for k, frames in enumerate(common.prefetch_to_device(plan.buffers(videos), device)):
-        yield frames, positions[k], int(plan.firsts[k]), plan.counts[k]
+    if resident is None:
+        resident = bool(videos) and common.fits_on_device(sum(np.asarray(v).nbytes for v in videos), device)
+    if not resident:
+        for k, frames in enumerate(common.prefetch_to_device(plan.buffers(videos), device)):
+            yield frames, positions[k], int(plan.firsts[k]), plan.counts[k]
+        return
+    lengths = [len(v) for v in videos]
+    split = torch.empty((sum(lengths),) + tuple(videos[0].shape[1:]), dtype=torch.uint8, device=device)
+    at = 0
+    for n, frames in zip(lengths, common.prefetch_to_device(videos, device)):
+        split[at:at + n] = frames
+        at += n
+    rows = common.to_device(plan.buffer_rows(lengths), device)
+    for k in range(len(plan.segments)):
+        yield split[rows[k]], positions[k], int(plan.firsts[k]), plan.counts[k]
 
 
 # ----------------------------------------------------------------------------------------------------------

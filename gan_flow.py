@@ -42,18 +42,24 @@ Deviations (from the paper / pix2pix, each with its reason)
     5. Channel reductions, which the paper leaves open: Delta_O and Delta_S are reduced to one value per
        pixel by the L2 norm over channels (3 flow channels; 256 conv5 channels), which also makes them
        non-negative so that "normalised by the maximum" maps them to [0, 1].
-    6. h = AlexNet conv5 *after* its ReLU (torchvision features[:12]; "before pooling" as in the paper): in
-       the Caffe AlexNet the paper used, relu5 runs in place, so the conv5 blob holds post-ReLU values. The
-       AlexNet input is the 256x256 frame (gray replicated to RGB, ImageNet mean/std; `--semantic-size`;
-       F and p_F are resized bilinearly to it when the GANs run smaller), giving a 15x15 conv5 grid that is
-       upsampled bilinearly to Delta_O's size.
+    6. h = AlexNet conv5 *after* its ReLU (torchvision features[:12]; "before pooling" as in the paper). The
+       paper says only "AlexNet [8]" pre-trained on ImageNet; the Caffe model common in 2017 runs relu5 in
+       place, so its conv5 blob holds post-ReLU values, which is why we take them after the ReLU. The net
+       is torchvision's variant (conv widths 64-192-384-256-256, no grouping, no LRN), the published PyTorch
+       weights (SPEC section 2), not Krizhevsky's / Caffe's (96-256-384-384-256, grouped, with LRN): same
+       15x15x256 conv5 grid, different features. The AlexNet input is the 256x256 frame (gray replicated to
+       RGB, ImageNet mean/std; `--semantic-size`; F and p_F are resized bilinearly to it when the GANs run
+       smaller). The 15x15 grid is upsampled bilinearly (align_corners=False) to Delta_O's size, which
+       puts cell m at pixel ~17.07 m + 8 while its receptive field is centred at 16 m + 15: up to 8 pixels
+       off near the borders, which matters for the pixel level only.
     7. Optimiser: the paper writes "stochastic gradient descent with momentum 0.5, batch size 1"; that is
        pix2pix's Adam with beta1 = 0.5, lr 2e-4, used here.
     8. The last frame of each video has no O_t (no F_t+1): its frame score is NaN (eval fills it from the
        previous frame and reports the count) and its map is a copy of the previous frame's map.
     9. Frames are gray for every dataset (UCSD is gray; colour datasets are converted).
    10. scores.npz stores A average-pooled to `--map-size` (64x64 by default, float16); the frame score is the
-       max of the full-resolution A.
+       max of the full-resolution A. The pixel-level metrics therefore threshold a smoothed A (4x4 blocks
+       averaged, then upsampled bilinearly by eval.py), not the full-resolution heatmap of the paper.
    11. Training jitter is pix2pix's (resize to 286x286, a random 256x256 crop, a random horizontal mirror with
        probability 1/2; `--jitter on`, the default; `--jitter off` trains on the plain frames), with three
        differences: the resize starts from the cached frames/flow images at the GAN size (one more bilinear
@@ -61,6 +67,8 @@ Deviations (from the paper / pix2pix, each with its reason)
        sizes S the resize goes to round(S * 286 / 256); a mirrored flow has its dx channel negated (pix2pix
        mirrors the flow image as a picture, which leaves a left-moving pedestrian's flow pointing right). The
        frame and its flow share one crop and mirror, and both cGANs see the same jittered pair in a step.
+       As in pix2pix, the 286/256 zoom does not rescale the flow values (a zoomed object moves 11.7% more
+       pixels per frame than its flow image says).
    12. `--dataset synthetic` defaults (CPU demo, < 3 min on 2 cores): 64x64 inputs with a correspondingly
        shallower U-Net (6 down / 6 up levels instead of 8; dropout still in the first three decoder
        blocks), ngf = ndf = 32, 2 epochs on every 2nd training frame, `--backbone-weights none`. The PatchGAN
@@ -68,6 +76,10 @@ Deviations (from the paper / pix2pix, each with its reason)
    13. ImageNet AlexNet weights need a download (or `--backbone-weights PATH`); with
        `--backbone-weights none` the appearance stream uses a randomly initialised AlexNet (printed loudly,
        recorded in the protocol string): not the paper's setting, and the paper's figures assume ImageNet.
+   14. The strict pixel rule's formula is ours: the paper says an under-covering detection "is counted as a
+       false positive" and gives no formula; eval.py adds such frames to the false positives and to the
+       negatives, FPR = (alarms on normal frames + under-covered abnormal frames) / (normal frames +
+       under-covered abnormal frames). The UCSD rule is reported beside it (pixel_auc_ucsd).
 
 Runs, speed and reproducibility
     - Training is resumable and can be time-boxed: `--max-minutes M` stops at the next step boundary after M
@@ -81,11 +93,13 @@ Runs, speed and reproducibility
       when it fits in half of the free memory, and the jitter runs there.
     - Test-only runs (`--test`) build no discriminators or optimisers and take every training setting they
       report from the checkpoint (a differing command-line flag is ignored with a warning).
-    - The test path streams every video through one fixed batch shape (`--test-batch-size`; the last batch
-      of a video is padded with copies of its last pair, which changes no real frame's output, see 3),
-      copies the next batch to the device while the current one runs (common.prefetch_to_device), runs
-      AlexNet once on real and generated frames together, upsamples Delta_S once per video, fuses a whole
-      video on the device and copies its scores and maps back in one transfer (one sync per video). A
+    - The test path streams the split's (frame, flow) pairs, videos laid end to end, through one fixed batch
+      shape (`--test-batch-size`; batches run across video boundaries and only the split's last one is
+      padded, with copies of its last pair, which changes no real frame's output, see 3), copies the next
+      batch to the device while the current one runs (common.prefetch_to_device), runs AlexNet once on
+      real and generated frames together, upsamples Delta_S once per video, fuses a whole video on the
+      device once its last pair is scored and copies its scores and maps back in one transfer (one sync
+      per video). A
       warm-up batch runs before the timer. The printed test frames/s covers cached frames and flows ->
       scores.npz and excludes model loading, flow extraction (printed separately) and the warm-up.
     - With `--streams both` (the paper) the same pass also yields the motion-only (N_O) and appearance-only
@@ -393,11 +407,15 @@ def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
     opt_D.zero_grad(set_to_none=True)
     loss_D.backward()
     opt_D.step()
+    # G step: the gradient flows through D into G, but D's own weights need none (as in pix2pix's
+    # set_requires_grad(D, False)); opt_D clears them before its next step anyway, so this only saves work.
+    net.D.requires_grad_(False)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         loss_G, _, l1 = generator_loss(net.D(x, fake), fake, y, l1_weight)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     opt_G.step()
+    net.D.requires_grad_(True)
     return loss_D.detach(), loss_G.detach(), l1.detach()
 
 
@@ -555,65 +573,95 @@ def panels_per_video(names, num_panels):
     return {name: len(range(i, num_panels, len(names))) for i, name in enumerate(names)}
 
 
+def test_batches(num_pairs, batch):
+    """The split's (frame, flow) pairs laid end to end, cut into batches of `batch` pairs that run across video
+    boundaries: per batch, the segments [(video, first pair, end pair)] it holds. Only the split's last batch
+    is short (and padded): padding every video's last batch instead would waste 35% of the work on Ped2's
+    120-180-frame videos at 256 pairs a batch."""
+    batches, current, filled = [], [], 0
+    for name, count in num_pairs.items():
+        start = 0
+        while start < count:
+            take = min(batch - filled, count - start)
+            current.append((name, start, start + take))
+            filled, start = filled + take, start + take
+            if filled == batch:
+                batches.append(current)
+                current, filled = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
 def score_videos(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args, panels=None):
     """Score every test video. frames (T, S, S) uint8 and flows (T-1, S, S, 2) float16 per video ->
     {video: {stream: (scores (T,) float32, maps (T, m, m) float16), ..., "panels": {t: (p_F, p_O)}}}, with
     every stream fuse_video forms (the main one is args.streams), NaN for the last frame (Deviation 8), A
     average-pooled to --map-size, and for `panels[video]` best frames the generated frame and flow that
-    were scored. All batches have one shape (the last of a video padded); the next batch is copied while
-    the current one runs; one transfer back per video."""
+    were scored. All batches have one shape (they run across videos, the split's last one padded); the
+    next batch is copied while the current one runs; a video is fused on the device and copied back in one
+    transfer once its last pair has been scored."""
     device, amp = args.device, args.amp and args.device.type == "cuda"
     batch, map_size = args.test_batch_size, args.map_size
     panels = panels or {}
-    plan = [(name, s, min(len(test_flows[name]), s + batch)) for name in test_frames
-            for s in range(0, len(test_flows[name]), batch)]
-    host_frames = (common.pad_batch(np.asarray(test_frames[name][s:e]), batch)[0] for name, s, e in plan)
-    host_flows = (common.pad_batch(np.asarray(test_flows[name][s:e]), batch)[0] for name, s, e in plan)
-    results = {}
-    for name in test_frames:
-        if len(test_flows[name]) == 0:  # a one-frame video: nothing to score
-            empty = (np.full(len(test_frames[name]), np.nan, np.float32),
-                     np.zeros((len(test_frames[name]), map_size, map_size), np.float16))
-            results[name] = {stream: empty for stream in STREAMS} | {"panels": {}}
-    deltas_O, deltas_S, generated = [], [], []
-    batches = zip(plan, common.prefetch_to_device(host_frames, device), common.prefetch_to_device(host_flows, device))
-    for (name, s, e), frames_u8, flows_f16 in tqdm(batches, total=len(plan), desc="test batches", leave=False):
-        n_real = e - s
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            d_O, d_S, p_O, p_F = difference_maps(frames_to_image(frames_u8), flow_to_image(flows_f16, scale),
-                                                 G_f2o, G_o2f, alexnet, args.streams, args.semantic_size)
-        deltas_O.append(None if d_O is None else d_O[:n_real])
-        deltas_S.append(None if d_S is None else d_S[:n_real])
-        if panels.get(name):
-            generated.append((None if p_F is None else p_F[:n_real], None if p_O is None else p_O[:n_real]))
-        if e < len(test_flows[name]):
-            continue
-        # the video's last batch: fuse on the device, one transfer of every stream's scores and maps
-        num_frames, num_pairs = len(test_frames[name]), len(test_flows[name])
+    num_pairs = {name: len(test_flows[name]) for name in test_frames}
+    plan = test_batches(num_pairs, batch)
+
+    def host(source):
+        for segments in plan:
+            rows = np.concatenate([np.asarray(source[name][s:e]) for name, s, e in segments])
+            yield common.pad_batch(rows, batch)[0]
+
+    def finish(name, deltas_O, deltas_S, generated):
+        """The video's fusion on the device and one transfer of every stream's scores and maps."""
+        num_frames = len(test_frames[name])
         delta_O = None if deltas_O[0] is None else torch.cat(deltas_O)
         delta_S = None if deltas_S[0] is None else torch.cat(deltas_S)
         fused = fuse_video(delta_O, delta_S, test_frames[name].shape[-1], args.lambda_motion)
-        streams = list(fused)
         packed = torch.stack([torch.cat([A.flatten(1).amax(1)[:, None],
                                          F.adaptive_avg_pool2d(A[:, None], map_size).flatten(1)], dim=1)
                               for A in fused.values()]).cpu().numpy()
         result = {}
-        for k, stream in enumerate(streams):
+        for k, stream in enumerate(fused):
             scores = np.full(num_frames, np.nan, np.float32)
-            scores[:num_pairs] = packed[k, :, 0]
+            scores[:num_pairs[name]] = packed[k, :, 0]
             maps = np.empty((num_frames, map_size, map_size), np.float16)
-            maps[:num_pairs] = packed[k, :, 1:].reshape(num_pairs, map_size, map_size)
-            maps[num_pairs:] = maps[num_pairs - 1]  # the last frame has no flow: copy the previous map
+            maps[:num_pairs[name]] = packed[k, :, 1:].reshape(num_pairs[name], map_size, map_size)
+            maps[num_pairs[name]:] = maps[num_pairs[name] - 1]  # the last frame has no flow: the previous map
             result[stream] = (scores, maps)
         result["panels"] = {}
-        if panels.get(name):
+        if generated:
             p_F = None if generated[0][0] is None else torch.cat([g[0] for g in generated])
             p_O = None if generated[0][1] is None else torch.cat([g[1] for g in generated])
-            for t in panel_frames(result[args.streams][0], num_pairs, panels[name]):
+            for t in panel_frames(result[args.streams][0], num_pairs[name], panels[name]):
                 result["panels"][t] = (None if p_F is None else p_F[t, 0].float().cpu().numpy(),
                                        None if p_O is None else p_O[t].float().cpu().numpy())
-        results[name] = result
-        deltas_O, deltas_S, generated = [], [], []
+        return result
+
+    results = {}
+    for name in test_frames:
+        if num_pairs[name] == 0:  # a one-frame video: nothing to score
+            empty = (np.full(len(test_frames[name]), np.nan, np.float32),
+                     np.zeros((len(test_frames[name]), map_size, map_size), np.float16))
+            results[name] = {stream: empty for stream in STREAMS} | {"panels": {}}
+    pending = {}                  # video -> (Delta_O parts, Delta_S parts, generated parts) on the device
+    batches = zip(plan, common.prefetch_to_device(host(test_frames), device),
+                  common.prefetch_to_device(host(test_flows), device))
+    for segments, frames_u8, flows_f16 in tqdm(batches, total=len(plan), desc="test batches", leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            d_O, d_S, p_O, p_F = difference_maps(frames_to_image(frames_u8), flow_to_image(flows_f16, scale),
+                                                 G_f2o, G_o2f, alexnet, args.streams, args.semantic_size)
+        at = 0
+        for name, s, e in segments:
+            rows = slice(at, at + e - s)
+            at += e - s
+            parts = pending.setdefault(name, ([], [], []))
+            parts[0].append(None if d_O is None else d_O[rows])
+            parts[1].append(None if d_S is None else d_S[rows])
+            if panels.get(name):
+                parts[2].append((None if p_F is None else p_F[rows], None if p_O is None else p_O[rows]))
+            if e == num_pairs[name]:
+                results[name] = finish(name, *pending.pop(name))
     return {name: results[name] for name in test_frames}
 
 

@@ -34,7 +34,8 @@ Choices the paper leaves open (documented, not deviations)
   (flow f_i goes from frame i to i+1, so frames i..i+t+1 are covered; t = 20: 21 flows). This forward window
   describes what happens AFTER frame i. `--flow-window centred` pools f_{i-t/2}..f_{i+t/2} instead (t + 1
   flows around frame i), our option, not the paper's. Frames whose window would leave the video (the last t
-  frames with the forward window; t/2 at each end with the centred one) reuse the nearest full window (the
+  frames with the forward window, since n flows give n - t full windows for n + 1 frames; t/2 at each end
+  with the centred one) reuse the nearest full window (the
   start is clamped into [0, n_flows - t - 1]) so that every frame and its map are scored; videos with at most
   t + 1 flows pool all their flows. Training patches of the motion stream come only from frames with their
   own full window.
@@ -48,8 +49,12 @@ Choices the paper leaves open (documented, not deviations)
 - Moving patches (Sec. IV-C, "we eliminate the massive number of patches that do not contain any moving pixels
   based on a frame difference"): a training patch is kept when at least `--min-moving-pixels` (default 1, the
   paper's "any moving pixel") of its pixels change by more than `--motion-threshold` (default 15 of 255,
-  ours) between frame i and frame i+1, on the gray frames at the working size. The same positions feed the
-  appearance stream (the patch of frame i) and the motion stream (the patch of frame i's dynamic flow).
+  ours) between frame i and frame i+1, on the gray frames at the working size. A position gives the
+  appearance stream the patch of frame i and the motion stream the patch of frame i's dynamic flow. The
+  paper samples one set of 960K; each stream here draws its own sample of up to `--max-train-patches`
+  (seeds seed and seed + 1): the appearance stream from every moving position, the motion stream from those
+  whose frame has its own full flow window, so the appearance stream is not limited to the frames that
+  the motion stream can use.
 - Output non-linearity of D11: sigmoid (targets are in [0, 1]); F5/F6 are linear; ReLU after every other
   conv/deconv, C4 included ("each convolutional layer is followed by a ReLU").
 - Reconstruction term of eq. 14: sum over pixels of the squared error, L = 1 Monte-Carlo sample (VaDE's
@@ -62,6 +67,10 @@ Choices the paper leaves open (documented, not deviations)
 - Epochs: the paper gives none. Defaults (ours): 10 pre-training epochs (`--pretrain-epochs`) and 10 VaDE
   epochs (`--epochs`) over the sampled patches. Flow: OpenCV Farneback (the paper's [24] is not available).
 - Test latent: the encoder mean (F5), not a sample, so scores are deterministic; F6 is not evaluated at test.
+- Mixture initialisation (the paper defers to VaDE, which fits a GMM to all pre-trained latents): a diagonal
+  GMM (sklearn GaussianMixture, k-means initialisation, one init, reg_covar 1e-6, at most 200 EM
+  iterations) on the encoder means of a random `--gmm-fit-patches` (100,000) of the training patches, to
+  bound the fit's time and memory; reg_covar is the floor of the component variances.
 - F6 (log-variance) is not used by the deterministic auto-encoder pre-training; when the mixture is initialised
   its weights are zeroed and its bias set to the mean log-variance of the fitted components, so the sampling
   layer starts at the scale of the latent clusters instead of unit variance (which would be orders of magnitude
@@ -308,7 +317,7 @@ def rank_pool_flows(flows, frame_ids, window: int, align: str = "forward", a: fl
     lo, hi = int(starts.min()), int(starts.max()) + T          # the flows these windows need, mapped once
     segment = flows[lo:hi] if torch.is_tensor(flows) else torch.from_numpy(np.array(flows[lo:hi]))
     mapped = torch.clamp(torch.round(segment.float() * a + b), 0, 255)
-    rel = torch.as_tensor(starts - lo, device=mapped.device)
+    rel = common.to_device(starts - lo, mapped.device)          # pinned, non-blocking on CUDA: no sync
     alpha = rank_pool_coefficients(T)
     pooled = mapped[rel] * float(alpha[0])
     for k in range(1, T):                   # T vectorised passes over all requested frames
@@ -708,7 +717,7 @@ def score_video(models: dict, frames_t, flows_t, args, flow_scale: float, frames
         if fixed_shape:
             ids = common.pad_batch(ids, frames_per_batch)[0]
         if "rgb" in models:
-            tiles, _ = grid_patches(frames_t[torch.as_tensor(ids, device=frames_t.device)], args.test_stride)
+            tiles, _ = grid_patches(frames_t[common.to_device(ids, frames_t.device)], args.test_stride)
             grids["rgb"][s:s + n] = patch_energies(models["rgb"], tiles, args.amp).view(-1, gh, gw)[:n]
         if "flow" in models:
             if flows_t is None or flows_t.shape[0] == 0:       # a one-frame video has no flow: cannot score

@@ -54,7 +54,16 @@ Deviations (from the paper, with reasons)
       peephole terms of Shi et al. 2015; "ELU everywhere else" is applied to all convolutions outside the
       ConvLSTMs (encoder, decoder except the last tanh layer, discriminator except the last sigmoid layer).
       Zero initial states.
-    - ||.||^2 is the squared L2 norm summed over the pixels of the frame, as written (inputs in [-1, 1]).
+    - ||.||^2 is the squared L2 norm summed over the pixels of the frame (inputs in [-1, 1]). This is our
+      reading: the paper's text cannot tell a subscript 2 from a square; the squared norm is the usual
+      pixel loss of frame prediction. The plain norm would weigh the pixel term differently against the
+      realism term in training and, through eq. 6's per-video min-max, move the micro AUC of g and gd.
+    - Choices the paper leaves open: PyTorch's default weight initialisation; "same" spatial padding (k//2)
+      and output_padding 1 on the stride-2 de-convolutions, so the decoder doubles the size exactly; every
+      frame resized (INTER_AREA) to the 224x224 square of Table 1, which stretches non-square frames (Ped2
+      is 360x240); an epoch is len(windows) // batch steps (the last incomplete batch is dropped); on CUDA
+      convolutions and matrix products run in TF32 (cuDNN's default for convolutions; TF32 matrix
+      products are turned on as well, the ConvLSTM gates being convolutions, so this changes little).
       -log D(.) on the 7x7 probability map is summed over the map, the local adversarial loss of
       Shrivastava et al. 2017 that the paper cites (the sum of the per-patch cross-entropies); the same
       sum is eq. 5's discriminator term at test time (the lambda_s rule divides by its maximum, so the
@@ -92,10 +101,13 @@ Test path (the scores are those of the per-window computation above, to float ro
       one frame only and is computed once per frame, the h-part per window (zero at the first step);
     - the combined cell's input equals its hidden state, so its convolution over [h, h] is one
       convolution with the two weight halves summed.
-    A video is scored in chunks of `--test-batch-size` windows (that many + 10 frames), the last chunk
-    padded by repeating the last frame, so every batch has one shape; chunks are copied to the device
-    through reused pinned buffers one chunk ahead (common.prefetch_to_device); results stay on the device
-    until one copy back per video. A warm-up chunk runs before the timer (cuDNN autotuning is not timed).
+    The split's videos, laid end to end, are scored in chunks of `--test-batch-size` windows (that many
+    + 10 frames); windows that straddle two videos are computed and dropped (10 per boundary), and only
+    the split's last chunk is padded, by repeating the last frame, so every batch has one shape. (Padding
+    each video's last chunk instead would waste 38% of the work on Ped2's 120-180-frame videos at 256
+    windows a chunk.) Chunks are copied to the device through reused pinned buffers one chunk ahead
+    (common.prefetch_to_device); results stay on the device until one copy back for the split. A warm-up
+    chunk runs before the timer (cuDNN autotuning is not timed).
     The printed frames/s covers cached frames -> scores.npz (reading the frame cache, scoring, lambda_s,
     writing scores.npz), not model loading, warm-up or evaluation. bf16 autocast (`--amp`) stays opt-in
     on CUDA: its effect on the metrics is not measured. channels_last is not used (not measured either).
@@ -603,21 +615,32 @@ def score_chunk(generator, discriminator, frames, map_pool=4, amp=False):
 
 
 def chunk_plan(frames_by_video, batch_size):
-    """(video, first window, real windows) of every fixed-size chunk: batch_size windows = batch_size + 10
-    frames; a video's last chunk is padded (see host_chunks)."""
-    plan = []
+    """The split's videos laid end to end as one frame sequence: returns (offsets, chunks), offsets[name] =
+    the video's first frame in that sequence and chunks = (first window, real windows) of every fixed-size
+    chunk of batch_size windows = batch_size + 10 frames. Chunks run across video boundaries, so short
+    videos (Ped2's 120-180 frames against 256 windows a chunk on CUDA) do not each pay for a padded chunk;
+    a window that straddles two videos is computed and dropped, which costs 10 windows per boundary. Only
+    the split's last chunk is padded (see host_chunks)."""
+    offsets, total = {}, 0
     for name, frames in frames_by_video.items():
-        num_windows = frames.shape[0] - 2 * NEIGHBOURS
-        for start in range(0, max(num_windows, 0), batch_size):
-            plan.append((name, start, min(batch_size, num_windows - start)))
-    return plan
+        offsets[name], total = total, total + frames.shape[0]
+    num_windows = total - 2 * NEIGHBOURS
+    chunks = [(start, min(batch_size, num_windows - start)) for start in range(0, max(num_windows, 0), batch_size)]
+    return offsets, chunks
 
 
-def host_chunks(frames_by_video, plan, batch_size):
-    """The uint8 frames of each planned chunk, padded to batch_size + 10 frames by repeating the last one."""
-    for name, start, real in plan:
-        chunk = np.array(frames_by_video[name][start:start + real + 2 * NEIGHBOURS])   # read from the cache
-        yield common.pad_batch(chunk, batch_size + 2 * NEIGHBOURS)[0]
+def host_chunks(frames_by_video, offsets, chunks, batch_size):
+    """The uint8 frames of each planned chunk (read from the cache, across video boundaries), padded to
+    batch_size + 10 frames by repeating the last one."""
+    names = list(frames_by_video)
+    for start, real in chunks:
+        stop, parts = start + real + 2 * NEIGHBOURS, []
+        for name in names:
+            first, frames = offsets[name], frames_by_video[name]
+            lo, hi = max(start, first), min(stop, first + frames.shape[0])
+            if lo < hi:
+                parts.append(np.asarray(frames[lo - first:hi - first]))
+        yield common.pad_batch(np.concatenate(parts), batch_size + 2 * NEIGHBOURS)[0]
 
 
 @torch.inference_mode()
@@ -625,39 +648,38 @@ def score_videos(generator, discriminator, frames_by_video, batch_size, map_pool
     """Score whole videos: {name: (T, H, W) uint8 array}. Returns three dicts by video: pixel terms
     ||G - X_t||^2 and discriminator terms -log D(S_t) (float64 (T,), NaN where no full window exists) and
     the pooled pixel-loss maps (T, H/map_pool, W/map_pool) float32 (frames without a window copy the
-    nearest scored frame's map). Fixed-shape chunks are prefetched to the device; results leave it once
-    per video."""
+    nearest scored frame's map; a video shorter than a window keeps zero maps). Fixed-shape chunks are
+    prefetched to the device; the results stay there until one copy back for the whole split."""
+    offsets, chunks = chunk_plan(frames_by_video, batch_size)
+    results = []                                     # device results of every chunk, real windows only
+    for (start, real), chunk in zip(chunks, common.prefetch_to_device(
+            host_chunks(frames_by_video, offsets, chunks, batch_size), device)):
+        pixel, disc, chunk_maps = score_chunk(generator, discriminator, chunk, map_pool, amp)
+        results.append((pixel[:real], disc[:real], chunk_maps[:real]))
     pixel_terms, disc_terms, maps = {}, {}, {}
     for name, frames in frames_by_video.items():
-        height, width = frames.shape[1] // map_pool, frames.shape[2] // map_pool
         pixel_terms[name] = np.full(frames.shape[0], np.nan)
         disc_terms[name] = np.full(frames.shape[0], np.nan)
-        maps[name] = np.zeros((frames.shape[0], height, width), np.float32)
-    plan = chunk_plan(frames_by_video, batch_size)
-    pending = []                                     # device results of the current video's chunks
-
-    def finish(name):
-        num_frames = frames_by_video[name].shape[0]
-        pixel = torch.cat([p for p, _, _ in pending])
-        disc = torch.cat([d for _, d, _ in pending])
-        video_maps = torch.cat([m for _, _, m in pending])
-        # One copy back (one host sync) per video: the three results travel in one flat tensor.
-        flat = torch.cat([pixel, disc, video_maps.flatten()]).cpu().numpy()
-        n = pixel.shape[0]
+        maps[name] = np.zeros((frames.shape[0], frames.shape[1] // map_pool, frames.shape[2] // map_pool), np.float32)
+    if not results:
+        return pixel_terms, disc_terms, maps
+    # One copy back (one host sync) for the split: the three results travel in one flat tensor.
+    pixel = torch.cat([p for p, _, _ in results])
+    all_maps = torch.cat([m for _, _, m in results])
+    flat = torch.cat([pixel, torch.cat([d for _, d, _ in results]), all_maps.flatten()]).cpu().numpy()
+    n = pixel.shape[0]
+    pixel_all, disc_all, maps_all = flat[:n], flat[n:2 * n], flat[2 * n:].reshape(all_maps.shape)
+    for name, frames in frames_by_video.items():
+        num_frames, first = frames.shape[0], offsets[name]
+        if num_frames <= 2 * NEIGHBOURS:
+            continue
+        windows = slice(first, first + num_frames - 2 * NEIGHBOURS)     # window i is centred at frame i + 5
         scored = slice(NEIGHBOURS, num_frames - NEIGHBOURS)
-        pixel_terms[name][scored] = flat[:n]
-        disc_terms[name][scored] = flat[n:2 * n]
-        maps[name][scored] = flat[2 * n:].reshape(video_maps.shape)
+        pixel_terms[name][scored] = pixel_all[windows]
+        disc_terms[name][scored] = disc_all[windows]
+        maps[name][scored] = maps_all[windows]
         maps[name][:NEIGHBOURS] = maps[name][NEIGHBOURS]
         maps[name][num_frames - NEIGHBOURS:] = maps[name][num_frames - NEIGHBOURS - 1]
-        pending.clear()
-
-    chunks = common.prefetch_to_device(host_chunks(frames_by_video, plan, batch_size), device)
-    for index, ((name, start, real), chunk) in enumerate(zip(plan, chunks)):
-        pixel, disc, chunk_maps = score_chunk(generator, discriminator, chunk, map_pool, amp)
-        pending.append((pixel[:real], disc[:real], chunk_maps[:real]))
-        if index + 1 == len(plan) or plan[index + 1][0] != name:
-            finish(name)
     return pixel_terms, disc_terms, maps
 
 

@@ -345,6 +345,14 @@ def test_fit_stats_accumulate_in_chunks(monkeypatch):
     np.testing.assert_allclose(stats["flow_mean_image"].numpy(), f3.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["flow_channel_std"].numpy(), f3.reshape(-1, 3).std(0), rtol=1e-4)
 
+    # make_streams moves the statistics to the compute device once (a host tensor in to_input would be a
+    # blocking copy, a GPU sync, per batch); the meta device shows where they live without a GPU.
+    streams = adv3dae.make_streams(["rgb", "flow"], {"mean_image": torch.from_numpy(mean), **stats}, torch.device("meta"))
+    assert {t.device.type for t in (streams["rgb"].mean_image, streams["flow"].mean_image,
+                                    streams["flow"].channel_std)} == {"meta"}
+    assert streams["flow"].to_input(torch.empty((1, 16, 4, 6, 2), dtype=torch.float16, device="meta")).shape \
+        == (1, 3, 16, 4, 6)
+
 
 class ClipMeanAE(nn.Module):
     """Eval mode: reconstructs each clip as its temporal mean, so a frame's error differs from clip to clip and

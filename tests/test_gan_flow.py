@@ -332,8 +332,10 @@ def test_panels_show_the_scored_outputs():
     draw), for the best-scoring frames of the video. Mutation caught: re-running the generators for the panels
     (a fresh dropout draw), keeping the outputs of the wrong frames or of the wrong generator."""
     rng = np.random.default_rng(3)
-    frames = {"a": rng.integers(0, 256, (6, 32, 32), dtype=np.uint8)}
-    flows = {"a": rng.normal(0, 1.0, (5, 32, 32, 2)).astype(np.float16)}
+    # video "z" (3 pairs) comes first, so "a"'s pairs start in the middle of a batch of 2
+    frames = {"z": rng.integers(0, 256, (4, 32, 32), dtype=np.uint8), "a": rng.integers(0, 256, (6, 32, 32), dtype=np.uint8)}
+    flows = {"z": rng.normal(0, 1.0, (3, 32, 32, 2)).astype(np.float16),
+             "a": rng.normal(0, 1.0, (5, 32, 32, 2)).astype(np.float16)}
     G_f2o, G_o2f = tiny_generators(dropout=0.5)
     seen = {"f2o": [], "o2f": []}
     G_f2o.register_forward_hook(lambda m, i, o: seen["f2o"].append(o.clone()))
@@ -343,8 +345,9 @@ def test_panels_show_the_scored_outputs():
     with torch.inference_mode():
         results = gan_flow.score_videos(frames, flows, G_f2o, G_o2f, alexnet, 1.5, score_args(test_batch_size=2),
                                         panels={"a": 2})
-    scored_flow = torch.cat(seen["f2o"]).numpy()       # batches of 2 padded: rows 0..5, real 0..4
-    scored_frame = torch.cat(seen["o2f"]).numpy()
+    scored_flow = torch.cat(seen["f2o"]).numpy()[3:8]  # 8 pairs in batches of 2: "a" is rows 3..7
+    scored_frame = torch.cat(seen["o2f"]).numpy()[3:8]
+    assert results["z"]["panels"] == {}
     scores = results["a"]["both"][0]
     best = list(np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:2])
     assert list(results["a"]["panels"]) == best

@@ -428,21 +428,26 @@ def test_score_videos_equals_per_window_forward():
     np.testing.assert_array_equal(maps[16], maps[11])
 
 
-def test_score_videos_does_not_depend_on_the_chunk_size():
-    """One chunk per video, several chunks, and two windows per chunk give the same scores; a video too short for
-    a window stays NaN. Mutations caught: results of one video's chunks mixed into the next video, a last
-    chunk dropped or taken from the wrong offset."""
+def test_score_videos_does_not_depend_on_the_chunk_size_or_the_other_videos():
+    """Chunks run across video boundaries: scoring the videos together, with one chunk for the split, several
+    chunks, or two windows per chunk, gives each video the scores it gets alone; a video too short for a
+    window stays NaN with zero maps. Mutations caught: a window that straddles two videos kept, a video's
+    windows read from the wrong offset, a last chunk dropped, a short video's frames left out of the
+    sequence."""
     generator, discriminator = _seeded_models(9)
     rng = np.random.default_rng(0)
     videos = {name: rng.integers(0, 256, (length, 32, 32), dtype=np.uint8) for name, length in (("a", 23), ("b", 8),
-                                                                                               ("c", 14))}
-    results = [stan.score_videos(generator, discriminator, videos, batch_size=b, map_pool=2, device=torch.device("cpu"))
-               for b in (64, 5, 2)]
-    assert np.isnan(results[0][0]["b"]).all()
-    for other in results[1:]:
+                                                                                               ("c", 14), ("d", 11))}
+    cpu = torch.device("cpu")
+    alone = {name: stan.score_videos(generator, discriminator, {name: frames}, batch_size=64, map_pool=2, device=cpu)
+             for name, frames in videos.items()}
+    assert np.isnan(alone["b"][0]["b"]).all() and not alone["b"][2]["b"].any()
+    assert np.isfinite(alone["d"][0]["d"][5]) and np.isnan(alone["d"][0]["d"][[4, 6]]).all()
+    for b in (64, 5, 2):
+        together = stan.score_videos(generator, discriminator, videos, batch_size=b, map_pool=2, device=cpu)
         for part in range(3):
             for name in videos:
-                np.testing.assert_allclose(other[part][name], results[0][part][name], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(together[part][name], alone[name][part][name], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- training runs
