@@ -496,8 +496,10 @@ def train(args, ds, generator, discriminator, argv):
     frames_by_video = common.load_split_frames(ds, "train", args.image_size, cache_dir=args.cache_dir)
     train_frames, train_windows = stack_training_frames(frames_by_video)
     data = TrainingWindows(train_frames, train_windows, args.device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr)
+    # fused Adam on CUDA: one kernel per step instead of several per tensor (the CPU keeps the default)
+    fused = args.device.type == "cuda"
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr, fused=fused)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr, fused=fused)
     total_epochs = args.pretrain_epochs + args.epochs
     steps_per_epoch = len(train_windows) // args.batch_size
     if args.steps_per_epoch:
