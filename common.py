@@ -81,8 +81,9 @@ DIS_PRESET = "medium"
 FLOW_METHODS = ("farneback", "dis")
 
 # Cache entries are keyed by everything that changes their content: the source files' names, sizes and
-# mtimes, the frame range, the size, colour, the resize interpolation below, flow method and parameters,
-# and this format version (raise it when the decoding or the stored layout changes).
+# mtimes, the frame range, the size, colour, the resize interpolation below, flow method and parameters
+# (and, for flows, OpenCV's version), and this format version (raise it when the decoding or the stored
+# layout changes).
 CACHE_VERSION = 2
 RESIZE_INTERPOLATION = ("INTER_AREA", cv2.INTER_AREA)
 # Temp files (`*.tmp`, `*.part`) and temp folders left by killed runs are removed after this long.
@@ -427,6 +428,7 @@ def _parse_ucsd_m(path: str) -> list:
     except OSError as e:
         raise DataError(f"{path}: cannot read the label file ({e.strerror or type(e).__name__}); expected a readable "
                         f"UCSD .m file") from None
+    text = re.sub(r"%[^\n]*", "", text)          # MATLAB comments: a commented-out line is no video
     videos = []
     for body in re.findall(r"gt_frame\s*=\s*\[([^\]]*)\]", text):
         ranges = []
@@ -1196,7 +1198,10 @@ def _flows_for(videos: list, size, method: str, cache_dir, workers: int, desc: s
     params = _flow_params(method)
     out, todo = {}, []
     for v in videos:
-        path = _cache_path(cache_dir, "flows", v, f"{size[0]}x{size[1]}_{method}", json.dumps(params, sort_keys=True))
+        # the frames' resize interpolation and OpenCV's version (its flow output can change between releases)
+        # are part of the key too: either changes the flow
+        path = _cache_path(cache_dir, "flows", v, f"{size[0]}x{size[1]}_{method}", json.dumps(params, sort_keys=True),
+                           RESIZE_INTERPOLATION[0], cv2.__version__)
         out[v.name] = _load_cached(path, (max(v.num_frames - 1, 0), *size, 2))
         if out[v.name] is None:
             todo.append((v, path))
@@ -1512,6 +1517,9 @@ def set_rng_state(state: dict, generators: dict | None = None) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    elif "cuda" in state and torch.cuda.is_available():
+        _warn(f"the checkpoint holds the random state of {len(state['cuda'])} CUDA devices, this machine has "
+              f"{torch.cuda.device_count()}: CUDA random draws will not continue the saved sequence")
     for key_name, gen in (generators or {}).items():
         saved = state["generators"][key_name]
         if isinstance(gen, torch.Generator):
@@ -1968,8 +1976,11 @@ def _cli(argv=None) -> None:
     if args.flows:
         size = args.size or videos[0].frame_shape
         t0 = time.time()
-        flows = _flows_for(videos, size, args.flow_method, args.cache_dir, args.workers, f"flow {ds.name}")
-        print(f"flows: {sum(len(f) for f in flows.values())} flow fields in {time.time() - t0:.2f} s (incl. cache)")
+        # one call per split: train and test videos can share names (Avenue's 01, 02, ...)
+        count = sum(len(f) for split in (ds.train, ds.test) if split
+                    for f in _flows_for(split, size, args.flow_method, args.cache_dir, args.workers,
+                                        f"flow {ds.name}").values())
+        print(f"flows: {count} flow fields in {time.time() - t0:.2f} s (incl. cache)")
 
 
 if __name__ == "__main__":

@@ -485,9 +485,14 @@ def event_detections(scores: np.ndarray, window: int = EVENT_WINDOW, min_persist
 def count_events(scores: np.ndarray, labels: np.ndarray, window: int = EVENT_WINDOW,
                  min_persistence: float = EVENT_MIN_PERSISTENCE, frames: np.ndarray | None = None) -> dict:
     """Event counts of one video: {"detected", "total", "false_alarms"} (see the module doc). labels: every
-    frame of the video; frames: as in event_detections."""
+    frame of the video; frames: as in event_detections. With `frames` (--unscored drop), a ground-truth event
+    none of whose frames was scored is left out of the total: no detection could ever fall inside it."""
     accepted = event_detections(scores, window, min_persistence, frames)
     intervals = label_intervals(labels)
+    if frames is not None:
+        scored = np.zeros(len(labels), bool)
+        scored[np.asarray(frames, dtype=np.int64)] = True
+        intervals = [(a, b) for a, b in intervals if scored[a:b].any()]
     detected = sum(any(a <= p < b for p in accepted) for a, b in intervals)
     false_alarms = sum(not any(a <= p < b for a, b in intervals) for p in accepted)
     return {"detected": int(detected), "total": len(intervals), "false_alarms": int(false_alarms)}

@@ -86,7 +86,8 @@ def make_ucsd(root, folder="UCSDped2", v1p2=True):
     os.makedirs(os.path.join(test, "Test003_gt"))     # an empty _gt folder means: no masks for Test003
     with open(os.path.join(test, folder + ".m"), "w") as f:
         f.write("TestVideoFile = {};\n"
-                "TestVideoFile{end+1}.gt_frame = [2:3, 5:6];\n"
+                "% TestVideoFile{end+1}.gt_frame = [1:2];   a commented-out line is no video\n"
+                "TestVideoFile{end+1}.gt_frame = [2:3, 5:6];  % frames 2-3 and 5-6\n"
                 "TestVideoFile{end+1}.gt_frame = [1:4];\n"
                 "TestVideoFile{end+1}.gt_frame = [3:5];\n")
     with open(os.path.join(test, "._" + folder + ".m"), "wb") as f:
@@ -246,6 +247,18 @@ def test_frames_layout(tmp_path, labels_source):
     np.testing.assert_array_equal(ds.test[0].read_masks().any(axis=(1, 2)), labels["01"])
     assert_frame_order(ds.train[0].read_frames(), range(5))
     assert_frame_order(ds.test[0].read_frames(), range(6))
+
+
+def test_cli_flows_of_both_splits_when_names_repeat(tmp_path):
+    """`common.py --flows` computes the flows of both splits of a frames-layout dataset whose train and test
+    videos share names (01, 02). Mutation caught: one shared name-keyed call for both splits (a KeyError,
+    or one of each pair of same-named videos lost)."""
+    make_frames_layout(str(tmp_path))
+    proc = subprocess.run([sys.executable, "common.py", "--dataset", "ped2", "--data-root", str(tmp_path),
+                           "--cache-dir", str(tmp_path / "cache"), "--flows", "--image-size", "32", "--workers", "1"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "flows: 14 flow fields" in proc.stdout            # (5 - 1) + (4 - 1) train, (6 - 1) + (3 - 1) test
 
 
 def test_frames_layout_label_errors(tmp_path):

@@ -417,6 +417,14 @@ def test_unscored_drop_leaves_nan_frames_out():
     assert list(curves["frames"]["Test001"]) == list(range(10, 30))
     assert ev.event_detections(curves["scores"]["Test001"], frames=curves["frames"]["Test001"]) == [19]
     assert drop["events"]["detected"] == 2
+    # an event whose frames were all dropped is left out of the total (no detection could fall inside it);
+    # one that is partly scored still counts. Catches: the total taken over every frame under drop.
+    early = [np.r_[np.ones(3), np.zeros(27)], np.r_[np.ones(4), np.zeros(26)]]    # frames 0-2 / 0-3 abnormal
+    s3 = np.r_[np.full(3, np.nan), np.linspace(0, 1, 27)]                       # frames 0-2 unscored
+    ds3 = make_ds(early)
+    scores3 = {"Test001": s3, "Test002": s3}
+    assert ev.evaluate(scores3, None, ds3, unscored="drop")["events"]["total"] == 1
+    assert ev.evaluate(scores3, None, ds3)["events"]["total"] == 2
     with pytest.raises(ValueError):
         ev.evaluate(scores, None, ds, unscored="skip")
     # pixel level: the dropped frames are not counted at all
