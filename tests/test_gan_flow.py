@@ -298,8 +298,9 @@ def tiny_generators(seed=0, dropout=0.5):
 def test_batched_streamed_scoring_equals_frame_by_frame():
     """The fixed-shape, padded, prefetched test path over several videos gives the scores of a plain
     frame-by-frame loop (dropout off), for all three streams from one pass; a one-frame video gets NaN.
-    Mutations caught: a batch crossing into the next video's frames, padding rows leaking into a video,
-    the motion/appearance streams swapped, lambda applied to a single stream."""
+    Mutations caught: a video's rows taken from the wrong place of a batch that spans two videos, padding
+    rows leaking into a video, batches restarted per video, the motion/appearance streams swapped, lambda
+    applied to a single stream."""
     rng = np.random.default_rng(2)
     frames = {"a": rng.integers(0, 256, (7, 32, 32), dtype=np.uint8), "b": rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),
               "c": rng.integers(0, 256, (1, 32, 32), dtype=np.uint8)}
@@ -308,6 +309,9 @@ def test_batched_streamed_scoring_equals_frame_by_frame():
     torch.manual_seed(0)
     alexnet = AlexNetConv5().eval()
     args = score_args(test_batch_size=4, map_size=8, semantic_size=64)
+    # 6 + 3 + 0 pairs in batches of 4 that run across videos: 3 batches, not one padded batch per video
+    assert gan_flow.test_batches({"a": 6, "b": 3, "c": 0}, 4) == [[("a", 0, 4)], [("a", 4, 6), ("b", 0, 2)],
+                                                                    [("b", 2, 3)]]
     with torch.inference_mode():
         results = gan_flow.score_videos(frames, flows, G_f2o, G_o2f, alexnet, 1.5, args)
         for name in ("a", "b"):

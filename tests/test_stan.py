@@ -433,7 +433,7 @@ def test_score_videos_does_not_depend_on_the_chunk_size_or_the_other_videos():
     chunks, or two windows per chunk, gives each video the scores it gets alone; a video too short for a
     window stays NaN with zero maps. Mutations caught: a window that straddles two videos kept, a video's
     windows read from the wrong offset, a last chunk dropped, a short video's frames left out of the
-    sequence."""
+    sequence, chunks restarted (and padded) per video."""
     generator, discriminator = _seeded_models(9)
     rng = np.random.default_rng(0)
     videos = {name: rng.integers(0, 256, (length, 32, 32), dtype=np.uint8) for name, length in (("a", 23), ("b", 8),
@@ -443,6 +443,10 @@ def test_score_videos_does_not_depend_on_the_chunk_size_or_the_other_videos():
              for name, frames in videos.items()}
     assert np.isnan(alone["b"][0]["b"]).all() and not alone["b"][2]["b"].any()
     assert np.isfinite(alone["d"][0]["d"][5]) and np.isnan(alone["d"][0]["d"][[4, 6]]).all()
+    # the split's 56 frames give 46 windows: one chunk of 64, ten of 5 (the last one short and padded)
+    offsets, chunks = stan.chunk_plan(videos, 64)
+    assert offsets == {"a": 0, "b": 23, "c": 31, "d": 45} and chunks == [(0, 46)]
+    assert len(stan.chunk_plan(videos, 5)[1]) == 10 and stan.chunk_plan(videos, 5)[1][-1] == (45, 1)
     for b in (64, 5, 2):
         together = stan.score_videos(generator, discriminator, videos, batch_size=b, map_pool=2, device=cpu)
         for part in range(3):
