@@ -238,6 +238,33 @@ def test_losses_match_hand_computation():
     np.testing.assert_allclose(adv3dae.discriminator_loss(z, z).item(), 2 * np.log(2), rtol=1e-6)
 
 
+def test_gradient_norms_match_separate_backward_passes_and_change_nothing():
+    """The per-epoch diagnostic: the two norms equal those of separate backward passes of L_rec and
+    lambda L_adv, and computing them leaves the weights, BatchNorm's running statistics and the random state
+    as they were. Catches: lambda left out, the norms of the summed loss, BN statistics updated by the extra
+    forward pass (which would move the test scores), the noise draw consuming the training RNG."""
+    torch.manual_seed(6)
+    ae = Adv3DAE(1, (4, 4, 4), layers=6, noise_sigma=0.01).train()
+    d = Discriminator3D(1, 8, (32, 32), channels=(4, 4, 4), hidden=8)
+    with torch.no_grad():
+        nn.init.normal_(ae.decoder_deconvs[0].weight, std=0.1)
+    x = torch.randn(2, 1, 8, 32, 32) * 0.1
+    state = {k: v.clone() for k, v in ae.state_dict().items()}
+    rng = torch.get_rng_state()
+    rec, adv = adv3dae.gradient_norms(ae, d, x, 0.3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in ae.state_dict().items())
+    ref = Adv3DAE(1, (4, 4, 4), layers=6, noise_sigma=0.01).train()
+    ref.load_state_dict(state)
+    torch.set_rng_state(rng)
+    recon = ref(x)                     # the same noise draw as inside gradient_norms
+    g_rec = torch.autograd.grad(adv3dae.reconstruction_loss(recon, x), list(ref.parameters()), retain_graph=True)
+    g_adv = torch.autograd.grad(0.3 * adv3dae.adversarial_loss(d(recon)), list(ref.parameters()))
+    norm = lambda grads: torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+    assert rec == pytest.approx(norm(g_rec), rel=1e-5) and adv == pytest.approx(norm(g_adv), rel=1e-5)
+    assert adv > 0
+
+
 def test_train_step_one_discriminator_call_equals_separate_calls():
     """train_step runs D once on [x, R] stacked; the updates equal the straightforward computation with three
     separate D calls: theta by grad of L_rec + lambda L_adv(D(R)), phi by grad of L_D(D(x), D(R.detach())),
