@@ -121,7 +121,7 @@ Deviations
   0.94 -> 0.50), static test patches skipped. Patch size, network (Table I), K = 20 and the scoring are
   unchanged.
 - Real UCSD Ped2 on the 2-core CPU used a reduced protocol (labelled "REDUCED" in metrics.json's "run_protocol"):
-  40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (about 8 min
+  40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (about 7 min
   of training). Frame AUC 77.0% micro / 79.9% macro, EER 30.1%, pixel AUC 37.4% / EER 56.4%; motion stream
   alone 80.8%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
 
