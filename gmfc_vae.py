@@ -639,22 +639,32 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                                       if saved_optimizer and saved_optimizer.get("stream") == stream
                                       and saved_optimizer.get("phase") == phase else None)
 
+        def run_phase(phase, optimizer, epochs, summary, on_last_epoch=None):
+            """This stream's epochs of one phase from where prog stands, a checkpoint after each; False when
+            the time budget stopped it (the position within the epoch is saved)."""
+            label = "pretrain" if phase == "pretrain" else "VaDE"
+            while prog["epoch"] < epochs:
+                done, stats = run_epoch(model, optimizer, patches, args, device, phase, prog, budget,
+                                        f"[{stream}] {label} {prog['epoch'] + 1}/{epochs}")
+                opt_state = {"stream": stream, "phase": phase, "state": optimizer.state_dict()}
+                if not done:
+                    save(opt_state)
+                    return False
+                prog.update(epoch=prog["epoch"] + 1, step=0)
+                print(f"[{stream}] {label} epoch {prog['epoch']}/{epochs}: {summary(stats)}")
+                if prog["epoch"] == epochs and on_last_epoch is not None:
+                    on_last_epoch()
+                save(opt_state)
+            return True
+
         # 1) pre-training as a plain (deterministic) auto-encoder on the network weights
         if prog["phase"] == "pretrain":
             optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.pretrain_lr,
                                          weight_decay=args.weight_decay, fused=fused)
             restore(optimizer, "pretrain")
-            while prog["epoch"] < args.pretrain_epochs:
-                done, stats = run_epoch(model, optimizer, patches, args, device, "pretrain", prog, budget,
-                                        f"[{stream}] pretrain {prog['epoch'] + 1}/{args.pretrain_epochs}")
-                opt_state = {"stream": stream, "phase": "pretrain", "state": optimizer.state_dict()}
-                if not done:
-                    save(opt_state)
-                    return False
-                prog.update(epoch=prog["epoch"] + 1, step=0)
-                print(f"[{stream}] pretrain epoch {prog['epoch']}/{args.pretrain_epochs}: "
-                      f"mse-sum {stats.get('loss', float('nan')):.3f}")
-                save(opt_state)
+            if not run_phase("pretrain", optimizer, args.pretrain_epochs,
+                             lambda stats: f"mse-sum {stats.get('loss', float('nan')):.3f}"):
+                return False
             # 2) initialise pi, mu_c, sigma_c^2 from a diagonal GMM on the pre-trained latents
             gmm = init_mixture_from_latents(model, patches, args.components, args.gmm_fit_patches, args.seed, device)
             print(f"[{stream}] GMM initialised on {min(args.gmm_fit_patches, len(patches))} latents "
@@ -666,19 +676,15 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                                       {"params": list(model.mixture_params()), "weight_decay": 0.0}], lr=args.lr,
                                      fused=fused)
         restore(optimizer, "vade")
-        while prog["epoch"] < args.epochs:
-            done, stats = run_epoch(model, optimizer, patches, args, device, "vade", prog, budget,
-                                    f"[{stream}] VaDE {prog['epoch'] + 1}/{args.epochs}")
-            opt_state = {"stream": stream, "phase": "vade", "state": optimizer.state_dict()}
-            if not done:
-                save(opt_state)
-                return False
-            prog.update(epoch=prog["epoch"] + 1, step=0)
-            print(f"[{stream}] VaDE epoch {prog['epoch']}/{args.epochs}: loss {stats.get('loss', float('nan')):.3f} "
-                  f"(rec {stats.get('rec', float('nan')):.3f}, kl {stats.get('kl', float('nan')):.3f})")
-            if prog["epoch"] == args.epochs:
-                run["energy_reference"][stream] = energy_reference(model, patches, args.seed, device)
-            save(opt_state)
+
+        def store_energy_reference():    # E_ref of the maps, from the final model, in the last checkpoint
+            run["energy_reference"][stream] = energy_reference(model, patches, args.seed, device)
+
+        if not run_phase("vade", optimizer, args.epochs,
+                         lambda stats: f"loss {stats.get('loss', float('nan')):.3f} (rec "
+                                       f"{stats.get('rec', float('nan')):.3f}, kl {stats.get('kl', float('nan')):.3f})",
+                         store_energy_reference):
+            return False
         saved_optimizer = None
         del patches
     return True
