@@ -146,7 +146,11 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
   and stays close to its initial fit while the encoder's latents move; the paper's budget (96,000 VaDE
   steps per stream) removes that limit. It does not explain the weak energy right after initialisation.
-- Not testable on a CPU: the paper's training budget (24x the patches, 5x the epochs).
+- More budget of the same kind does not lift it: the appearance stream alone (`--stream rgb`) on 200,000
+  patches with 4 + 4 epochs (10x the reduced run's patch-epochs, 1,378 s) scores frame AUC 49.4% (macro
+  40.4%), and 49.4% (macro 56.8%) with static test cells skipped; the reduced run's was 42.9%.
+- Not testable on a CPU: the paper's training budget (24x the reduced run's patches, 5x its epochs; 12x the
+  larger run's patch-epochs).
 
 Training in slices
 ------------------
