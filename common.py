@@ -40,7 +40,7 @@ What lives here (names starting with `_` are private):
   loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling; for
   time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`, `resume_checkpoint`,
   `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`, `to_device`,
-  `prefetch_to_device`, `pad_batch`, `synchronize`.
+  `prefetch_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
 * `download` / `download_dataset` (`--download`, only when the user asks): the public archives with a
   progress bar and their published sha256 (UCSD, Avenue), unpacked into a temp folder and renamed into
   place; `load_alexnet_features` for torchvision's ImageNet AlexNet weights.
@@ -1636,6 +1636,25 @@ def _take(item, device):
     stream.wait_event(done)
     tensor.record_stream(stream)            # the caching allocator must not reuse it while `stream` works
     return tensor
+
+
+def batch_segments(ranges, batch: int) -> list:
+    """Rows of several videos laid end to end, cut into batches of `batch` rows that run across video
+    boundaries, so that short videos do not each end in a padded batch (only the last batch is short).
+    ranges: [(video, first, end)] rows first .. end-1 of each video, in order. Returns, per batch, its
+    segments [(video, first, end)]."""
+    batches, current, filled = [], [], 0
+    for video, first, end in ranges:
+        while first < end:
+            take = min(batch - filled, end - first)
+            current.append((video, first, first + take))
+            filled, first = filled + take, first + take
+            if filled == batch:
+                batches.append(current)
+                current, filled = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def pad_batch(batch, size: int):

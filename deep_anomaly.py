@@ -407,19 +407,8 @@ class BatchPlan:
 
     def __init__(self, lengths, batch: int):
         self.batch = batch
-        self.segments = []                                       # per batch: [(video, t0, t1)], targets t0 .. t1-1
-        current, filled = [], 0
-        for v, num_frames in enumerate(lengths):
-            t = FRAMES_BEFORE
-            while t < num_frames:
-                take = min(batch - filled, num_frames - t)
-                current.append((v, t, t + take))
-                filled, t = filled + take, t + take
-                if filled == batch:
-                    self.segments.append(current)
-                    current, filled = [], 0
-        if current:
-            self.segments.append(current)
+        # per batch: [(video, t0, t1)], targets t0 .. t1-1
+        self.segments = common.batch_segments([(v, FRAMES_BEFORE, n) for v, n in enumerate(lengths)], batch)
         self.counts = [sum(t1 - t0 for _, t0, t1 in segs) for segs in self.segments]
         self.firsts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64) if self.counts else []
         self.num_targets = int(sum(self.counts))

@@ -573,26 +573,6 @@ def panels_per_video(names, num_panels):
     return {name: len(range(i, num_panels, len(names))) for i, name in enumerate(names)}
 
 
-def test_batches(num_pairs, batch):
-    """The split's (frame, flow) pairs laid end to end, cut into batches of `batch` pairs that run across video
-    boundaries: per batch, the segments [(video, first pair, end pair)] it holds. Only the split's last batch
-    is short (and padded): padding every video's last batch instead would waste 35% of the work on Ped2's
-    120-180-frame videos at 256 pairs a batch."""
-    batches, current, filled = [], [], 0
-    for name, count in num_pairs.items():
-        start = 0
-        while start < count:
-            take = min(batch - filled, count - start)
-            current.append((name, start, start + take))
-            filled, start = filled + take, start + take
-            if filled == batch:
-                batches.append(current)
-                current, filled = [], 0
-    if current:
-        batches.append(current)
-    return batches
-
-
 def score_videos(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args, panels=None):
     """Score every test video. frames (T, S, S) uint8 and flows (T-1, S, S, 2) float16 per video ->
     {video: {stream: (scores (T,) float32, maps (T, m, m) float16), ..., "panels": {t: (p_F, p_O)}}}, with
@@ -605,7 +585,9 @@ def score_videos(test_frames, test_flows, G_f2o, G_o2f, alexnet, scale, args, pa
     batch, map_size = args.test_batch_size, args.map_size
     panels = panels or {}
     num_pairs = {name: len(test_flows[name]) for name in test_frames}
-    plan = test_batches(num_pairs, batch)
+    # the split's (frame, flow) pairs laid end to end, in batches that run across videos: padding every
+    # video's last batch instead would waste 35% of the work on Ped2's 120-180-frame videos at 256 a batch
+    plan = common.batch_segments([(name, 0, count) for name, count in num_pairs.items()], batch)
 
     def host(source):
         for segments in plan:

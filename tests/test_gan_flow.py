@@ -310,8 +310,15 @@ def test_batched_streamed_scoring_equals_frame_by_frame():
     alexnet = AlexNetConv5().eval()
     args = score_args(test_batch_size=4, map_size=8, semantic_size=64)
     # 6 + 3 + 0 pairs in batches of 4 that run across videos: 3 batches, not one padded batch per video
-    assert gan_flow.test_batches({"a": 6, "b": 3, "c": 0}, 4) == [[("a", 0, 4)], [("a", 4, 6), ("b", 0, 2)],
-                                                                    [("b", 2, 3)]]
+    assert common.batch_segments([("a", 0, 6), ("b", 0, 3), ("c", 0, 0)], 4) == \
+        [[("a", 0, 4)], [("a", 4, 6), ("b", 0, 2)], [("b", 2, 3)]]
+    batches = []
+    hook = G_f2o.register_forward_hook(lambda module, inputs, output: batches.append(len(output)))
+    with torch.inference_mode():
+        gan_flow.score_videos(frames, flows, G_f2o, G_o2f, alexnet, 1.5, score_args(test_batch_size=5, map_size=8,
+                                                                                       semantic_size=64))
+    hook.remove()
+    assert batches == [5, 5]           # batches restarted per video would make three: 5 + 5 (a), 5 (b)
     with torch.inference_mode():
         results = gan_flow.score_videos(frames, flows, G_f2o, G_o2f, alexnet, 1.5, args)
         for name in ("a", "b"):
