@@ -106,8 +106,8 @@ Running on a GPU
   padded by repeating its last clip, and the padded rows are dropped), copied to the GPU from reused pinned
   buffers one batch ahead (common.prefetch_to_device); per-frame errors and maps are accumulated and
   averaged on the GPU and copied back once for the whole split. The input statistics (mean image, flow
-  std) are moved to the GPU once: a host tensor in the per-batch transform would be a blocking copy. A warm-up batch of the same shape runs before the timer, so
-  cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
+  std) are moved to the GPU once: a host tensor in the per-batch transform would be a blocking copy. A
+  warm-up batch of the same shape runs before the timer, so cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
   reconstruction, error maps, eq. 14, writing scores.npz), not model load, warm-up or evaluation.
 - bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
   both of order 0.05 after mean subtraction, and bf16's ~0.4% relative precision is of the order of the
@@ -402,15 +402,9 @@ class DeviceSplit:
     float16 flows) plus each video's offset and length, so a batch of clips is one indexing op there."""
 
     def __init__(self, videos: list, device):
-        lengths = [len(v) for v in videos]
-        dtype = torch.from_numpy(np.asarray(videos[0][:1])).dtype
-        self.frames = torch.empty((sum(lengths),) + videos[0].shape[1:], dtype=dtype, device=device)
-        at = 0
-        for v in videos:                                  # one video at a time: no whole-split host copy
-            self.frames[at:at + len(v)] = common.to_device(np.asarray(v), device)
-            at += len(v)
-        self.offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64, device=device)
-        self.lengths = torch.tensor(lengths, dtype=torch.int64, device=device)
+        self.frames, offsets = common.concat_to_device(videos, device)
+        self.offsets = common.to_device(offsets, device)
+        self.lengths = common.to_device(np.array([len(v) for v in videos], np.int64), device)
 
     def gather(self, specs: torch.Tensor, clip_len: int) -> torch.Tensor:
         """specs: (B, 3) int64 (video, start, skip) on the device -> (B, clip_len, ...), clamped like gather_clips."""

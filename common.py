@@ -40,7 +40,7 @@ What lives here (names starting with `_` are private):
   loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling; for
   time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`, `resume_checkpoint`,
   `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`, `to_device`,
-  `prefetch_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
+  `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
 * `download` / `download_dataset` (`--download`, only when the user asks): the public archives with a
   progress bar and their published sha256 (UCSD, Avenue), unpacked into a temp folder and renamed into
   place; `load_alexnet_features` for torchvision's ImageNet AlexNet weights.
@@ -1636,6 +1636,19 @@ def _take(item, device):
     stream.wait_event(done)
     tensor.record_stream(stream)            # the caching allocator must not reuse it while `stream` works
     return tensor
+
+
+def concat_to_device(videos, device):
+    """The videos (arrays or memmaps of one frame shape and dtype) laid end to end in one tensor on `device`,
+    copied one video at a time (no whole-split copy on the host). Returns (tensor, first row of each video)."""
+    import torch
+    lengths = [len(v) for v in videos]
+    dtype = torch.from_numpy(np.asarray(videos[0][:1])).dtype
+    out = torch.empty((sum(lengths),) + tuple(videos[0].shape[1:]), dtype=dtype, device=device)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    for first, n, video in zip(starts, lengths, videos):
+        out[first:first + n] = to_device(video, device)
+    return out, starts
 
 
 def batch_segments(ranges, batch: int) -> list:

@@ -55,8 +55,8 @@ video); each batch carries the frames its targets need (targets + 5 context fram
 padded to one length) as uint8. On CUDA, when the split takes at most half the free GPU memory (Ped2's
 test split: 154 MB), it is copied to the GPU once, video by video through pinned buffers, and each batch's
 frames are gathered there; otherwise each batch is assembled on the host and copied from reused pinned
-buffers with non_blocking copies one batch ahead (common.prefetch_to_device). On the device: D_t is gathered from the uint8 frames, normalised and laid
-out channels-last in one step; C1-S1-C2 run channels-last (with cuDNN's TF32, PyTorch's default for
+buffers with non_blocking copies one batch ahead (common.prefetch_to_device). On the device: D_t is
+gathered from the uint8 frames, normalised and laid out channels-last in one step; C1-S1-C2 run channels-last (with cuDNN's TF32, PyTorch's default for
 convolutions); G1 is one matrix product per region with a precomputed inverse Cholesky factor (float32,
 IEEE: TF32 is switched off for matrix products); CT and G2 follow; the zeta rule is two small top-k passes
 over index tables computed once; maps and frame scores stay on the device until the whole split is done
@@ -448,8 +448,8 @@ class BatchPlan:
 def stream_batches(plan: BatchPlan, videos, device, resident: bool | None = None):
     """Yield (frames on the device, target positions on the device, first target index, real targets) per
     batch. When the videos fit on the device (resident, the default on CUDA where they take at most half
-    its free memory: Ped2's test split is 154 MB), they are copied there once, one video ahead of the next,
-    and each batch's buffer is a gather on the device, so no frame passes through the host again. Otherwise
+    its free memory: Ped2's test split is 154 MB), they are copied there once, video by video, and each
+    batch's buffer is a gather on the device, so no frame passes through the host again. Otherwise
     each buffer is assembled on the host and copied (pinned, non_blocking) while the device works on the
     previous batch."""
     positions = common.to_device(plan.positions, device)
@@ -459,13 +459,8 @@ def stream_batches(plan: BatchPlan, videos, device, resident: bool | None = None
         for k, frames in enumerate(common.prefetch_to_device(plan.buffers(videos), device)):
             yield frames, positions[k], int(plan.firsts[k]), plan.counts[k]
         return
-    lengths = [len(v) for v in videos]
-    split = torch.empty((sum(lengths),) + tuple(videos[0].shape[1:]), dtype=torch.uint8, device=device)
-    at = 0
-    for n, frames in zip(lengths, common.prefetch_to_device(videos, device)):
-        split[at:at + n] = frames
-        at += n
-    rows = common.to_device(plan.buffer_rows(lengths), device)
+    split, _ = common.concat_to_device(videos, device)
+    rows = common.to_device(plan.buffer_rows([len(v) for v in videos]), device)
     for k in range(len(plan.segments)):
         yield split[rows[k]], positions[k], int(plan.firsts[k]), plan.counts[k]
 

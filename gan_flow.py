@@ -99,8 +99,7 @@ Runs, speed and reproducibility
       batch to the device while the current one runs (common.prefetch_to_device), runs AlexNet once on
       real and generated frames together, upsamples Delta_S once per video, fuses a whole video on the
       device once its last pair is scored and copies its scores and maps back in one transfer (one sync
-      per video). A
-      warm-up batch runs before the timer. The printed test frames/s covers cached frames and flows ->
+      per video). A warm-up batch runs before the timer. The printed test frames/s covers cached frames and flows ->
       scores.npz and excludes model loading, flow extraction (printed separately) and the warm-up.
     - With `--streams both` (the paper) the same pass also yields the motion-only (N_O) and appearance-only
       (N_S) scores: they are evaluated too (metrics.json "streams", scores_motion.npz, scores_appearance.npz),
@@ -319,15 +318,8 @@ class TrainingSplit:
             hold = common.fits_on_device(self.nbytes, device)
         self.on_device = bool(hold)
         if self.on_device:
-            frame_start = np.cumsum([0] + [len(f) for f in self.frames_list])
-            flow_start = np.cumsum([0] + [len(f) for f in self.flows_list])
-            self.frames = torch.empty((frame_start[-1],) + self.frames_list[0].shape[1:], dtype=torch.uint8,
-                                      device=device)
-            self.flows = torch.empty((flow_start[-1],) + self.flows_list[0].shape[1:], dtype=torch.float16,
-                                     device=device)
-            for v in range(len(self.frames_list)):
-                self.frames[frame_start[v]:frame_start[v + 1]] = common.to_device(self.frames_list[v], device)
-                self.flows[flow_start[v]:flow_start[v + 1]] = common.to_device(self.flows_list[v], device)
+            self.frames, frame_start = common.concat_to_device(self.frames_list, device)
+            self.flows, flow_start = common.concat_to_device(self.flows_list, device)
             # row of frame t and of flow t (from t to t+1) of every pair in the concatenated split
             self.frame_rows = common.to_device(frame_start[self.pairs[:, 0]] + self.pairs[:, 1], device)
             self.flow_rows = common.to_device(flow_start[self.pairs[:, 0]] + self.pairs[:, 1], device)

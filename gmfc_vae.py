@@ -33,10 +33,9 @@ Choices the paper leaves open (documented, not deviations)
   the dynamic flows F_1 .. F_{n-t} of n flows): the dynamic flow of frame i pools the t + 1 flows f_i..f_{i+t}
   (flow f_i goes from frame i to i+1, so frames i..i+t+1 are covered; t = 20: 21 flows). This forward window
   describes what happens AFTER frame i. `--flow-window centred` pools f_{i-t/2}..f_{i+t/2} instead (t + 1
-  flows around frame i), our option, not the paper's. Frames whose window would leave the video (the last t
-  frames with the forward window, since n flows give n - t full windows for n + 1 frames; t/2 at each end
-  with the centred one) reuse the nearest full window (the
-  start is clamped into [0, n_flows - t - 1]) so that every frame and its map are scored; videos with at most
+  flows around frame i), our option, not the paper's. Frames whose window would leave the video (the last
+  t + 1 frames with the forward window, since n flows give n - t full windows for n + 1 frames; t/2 at each
+  end with the centred one) reuse the nearest full window (the start is clamped into [0, n_flows - t - 1]) so that every frame and its map are scored; videos with at most
   t + 1 flows pool all their flows. Training patches of the motion stream come only from frames with their
   own full window.
 - The 16 f + 128 mapping is rounded and clipped to the integers 0..255 ("discrete range"). Because the
