@@ -96,6 +96,17 @@ Deviations (from the paper, with reasons)
       Yet -log D(S_t) of the real test sequences ranks frames above chance (d 61.7%), so D's term holds
       some information. The paper's d row (86.2% on Ped2) implies a D far from chance at 224x224 and
       the paper's (unstated) number of alternating epochs.
+      Two probes from one G pre-trained by the same command with `--epochs 0` (4 x 600 pixel-loss steps:
+      g 75.2%; a fresh D's d 55.4%), each 1,200 steps at the paper's Adam 2e-4 and batch 3, with a D
+      initialisation and batch order other than the run's (probe code, not a flag of this script):
+      (1) G frozen, D trained alone: D separates real from fake at once (94% of map cells right over
+      the first 100 steps, 99.5% over the next 100, D(fake) ~1e-4 from step 900), so the one generated
+      frame in eleven is an easy cue; its d detector then scores 65.8%. (2) Alternating, as the paper:
+      D stayed at chance for ~250 steps, then G's pixel loss jumped from 25 to 74, D won (at step
+      1,200 L_D 0.13, D(real) / D(fake) 0.994 / 0.006) and the pixel loss stayed near 38, the collapse
+      of the synthetic data: d 68.7%, g 74.3%. So whether D wins or stays at chance differs between
+      runs of the same schedule, and at 96x96 neither a winning D nor one at chance comes near the
+      paper's d row (61.7-68.7% against 86.2%).
 
 Test path (the scores are those of the per-window computation above, to float rounding)
     Three exact rewrites avoid recomputing what neighbouring windows share; tests check each against the
