@@ -140,7 +140,10 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   learning-rate decay): no change; eq. 14's reconstruction term weighted by 10 or by 100 (a smaller
   sigma_x^2, eq. 12): KL grows from 11 to 32-77 nats, energy patch AUC among moving cells stays at 68-69%;
   scoring with uniform pi, with the best single component, or averaging the energy over posterior samples
-  instead of the mean latent: within 1 point; refitting a GMM on the final latents: +4 to +6 points, still below 70%.
+  instead of the mean latent: within 1 point; refitting a GMM on the final latents: +4 to +6 points, still below 70%;
+  reading "linearly normalized into [0, 1]" as a min-max of each patch instead of /255 (appearance stream
+  alone, reduced protocol, a patched copy of `to_input`): frame AUC 55.3% (macro 56.6%), 49.0% with static
+  test cells skipped, against 42.9% for /255: near chance either way.
 - Why the refit helps (reasoning, not a measurement): Adam moves each parameter by about lr per step, so in
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
   and stays close to its initial fit while the encoder's latents move; the paper's budget (96,000 VaDE
