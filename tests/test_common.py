@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -173,8 +174,8 @@ def _break_label_length(base, root):
 
 def _break_label_range(base, root):
     m = os.path.join(base, "Test", "UCSDped2.m")
-    text = open(m).read().replace("[1:4]", "[1:9]")                # Test002 has 4 frames
-    open(m, "w").write(text)
+    text = Path(m).read_text().replace("[1:4]", "[1:9]")           # Test002 has 4 frames
+    Path(m).write_text(text)
     return m, None
 
 
@@ -666,17 +667,17 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, cache_dir, capsys, damage):
     wrong shape / a truncated one instead of warning and rebuilding it."""
     v = bmp_video(str(tmp_path / "v"), level(range(4)))
     entry = common.load_frames(v, cache_dir=cache_dir).filename
-    data = open(entry, "rb").read()
+    data = Path(entry).read_bytes()
     damaged = {"empty": b"", "truncated": data[:len(data) // 2], "garbage": b"not an npy file",
                "wrong_shape": None}[damage]
     if damaged is None:
         np.save(entry, np.zeros((3, H, W), np.uint8))
     else:
-        open(entry, "wb").write(damaged)
+        Path(entry).write_bytes(damaged)
     capsys.readouterr()
     assert_frame_order(common.load_frames(v, cache_dir=cache_dir), range(4))
     assert f"warning: {entry}" in capsys.readouterr().err
-    assert open(entry, "rb").read() == data                         # rebuilt in place
+    assert Path(entry).read_bytes() == data                         # rebuilt in place
 
 
 @pytest.mark.parametrize("method,workers", [("farneback", 2), ("dis", 1)])
@@ -838,13 +839,14 @@ def http_url():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+    server.server_close()
 
 
 def test_download(tmp_path, http_url):
     good = hashlib.sha256(_Handler.payload).hexdigest()
     dest = str(tmp_path / "a" / "file.bin")
     assert common.download(http_url + "/file.bin", dest, good) == dest
-    assert open(dest, "rb").read() == _Handler.payload and os.listdir(tmp_path / "a") == ["file.bin"]
+    assert Path(dest).read_bytes() == _Handler.payload and os.listdir(tmp_path / "a") == ["file.bin"]
     with pytest.raises(common.DataError, match="sha256"):
         common.download(http_url + "/file.bin", str(tmp_path / "b.bin"), "0" * 64)
     with pytest.raises(common.DataError) as e:
@@ -875,7 +877,7 @@ def test_concurrent_downloads_use_their_own_part_files(tmp_path, http_url):
     for t in threads:
         t.join(60)
     assert not errors and results == [dest, dest]
-    assert open(dest, "rb").read() == _Handler.payload and os.listdir(tmp_path) == ["file.bin"]
+    assert Path(dest).read_bytes() == _Handler.payload and os.listdir(tmp_path) == ["file.bin"]
 
 
 @pytest.fixture
