@@ -292,7 +292,9 @@ class Generator(nn.Module):
     def forward(self, window):
         """window: (B, 11, H, W) in [-1, 1]; the middle frame is never read. Returns X^_t (B, H, W)."""
         batch, _, height, width = window.shape
-        context = window[:, FORWARD_POSITIONS + BACKWARD_POSITIONS]          # (B, 10, H, W)
+        # FORWARD_POSITIONS then BACKWARD_POSITIONS, as slices: indexing a CUDA tensor with a Python list
+        # copies the index to the GPU and waits for it, once per training step
+        context = torch.cat([window[:, :MIDDLE], window[:, MIDDLE + 1:].flip(1)], 1)   # (B, 10, H, W)
         features = self.encode(context.reshape(-1, height, width))
         features = features.reshape(batch, 2 * NEIGHBOURS, *features.shape[1:])
         return self.decode(self.temporal(features[:, :NEIGHBOURS], features[:, NEIGHBOURS:]))
