@@ -112,8 +112,8 @@ Running on a GPU
 - bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
   both of order 0.05 after mean subtraction, and bf16's ~0.4% relative precision is of the order of the
   normal-vs-abnormal error gap; it has not been measured to change no metric by more than 0.1 point.
-  Without `--amp`, CUDA runs the convolutions in cuDNN's TF32 (PyTorch's default; a 10-bit mantissa, 4x
-  finer than bf16's steps), so GPU scores differ from CPU ones by more than fp32 rounding (not measured).
+  Without `--amp`, CUDA runs the convolutions in cuDNN's TF32 (PyTorch's default; a 10-bit mantissa, 8x
+  finer than bf16's 7 bits), so GPU scores differ from CPU ones by more than fp32 rounding (not measured).
 - `--channels-last` (channels_last_3d) is opt-in as well: it has not been measured on a GPU yet (with one
   input channel and max-pooling indices it may not pay); scores are the same either way (tested on CPU).
 

@@ -96,8 +96,8 @@ Choices the paper leaves open (documented, not deviations)
   half a stride near the borders).
 - A video with a single frame has no flow: its motion-stream and fused scores are NaN ("cannot score"), kept as
   such in scores.npz; its map cells take the run's lowest map value (maps must be finite).
-- Precision: fp32 by default, on CUDA too (cuDNN's TF32 is turned off: its 10-bit mantissa, like bf16's
-  8 bits, is coarse against a tight cluster's sigma). `--amp` (CUDA only, opt-in) runs the convolutions in bf16 autocast but F5/F6,
+- Precision: fp32 by default, on CUDA too (cuDNN's TF32 is turned off: its 10-bit mantissa, like bf16's 7
+  bits, is coarse against a tight cluster's sigma). `--amp` (CUDA only, opt-in) runs the convolutions in bf16 autocast but F5/F6,
   the latent and the energies always in fp32 (a bf16 mean has ~3 significant digits, a large fraction of a
   tight cluster's sigma); its effect on the metrics has not been measured. channels_last at test.
 
