@@ -139,9 +139,10 @@ Usage
     python adv3dae.py --dataset ped2 --no-gan                      # Table V ablation
     python adv3dae.py --dataset ped2 --no-noise                    # Table VI ablation
     python adv3dae.py --dataset ped2 --flow                        # Table IX RGB + optical flow
-    python adv3dae.py --dataset ped2 --amp --test-batch-size 128   # bf16 test on CUDA (opt-in, see above)
+    python adv3dae.py --dataset ped2 --test --amp                  # bf16 test on CUDA (opt-in, see above)
 """
 
+import json
 import os
 import time
 
@@ -820,13 +821,13 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "model.pt")
     state = None
     if not args.train:     # test only: every training setting (and the architecture) comes from the checkpoint
-        state = common.load_checkpoint(ckpt_path)
+        state = common.load_checkpoint(ckpt_path, method=args.method)
         saved = dict(state["args"])
         if "image_size" not in saved and "size" in saved:              # checkpoints from before --image-size
             saved["image_size"] = saved["size"]
         common.restore_training_args(args, parser, saved, TRAINING_KEYS)
     elif args.resume:
-        state = common.resume_checkpoint(ckpt_path, True)
+        state = common.resume_checkpoint(ckpt_path, True, method=args.method)
         if state is not None and "progress" not in state:
             raise common.DataError(f"{ckpt_path}: written by an older adv3dae.py without the training position;"
                                    f" it can be tested (--test) but not resumed")
@@ -845,7 +846,7 @@ def main(argv=None):
 
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
-    print(f"{METHOD}: {ds.summary()}")
+    print(f"{METHOD}: {json.dumps(ds.summary())}")
     stream_names = ["rgb"] + (["flow"] if args.flow else [])
     models = {n: build_models(args, 1 if n == "rgb" else 3, args.device) for n in stream_names}
 

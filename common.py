@@ -1045,6 +1045,10 @@ def _load_dataset(name, data_root, scene, labels_file, cache_dir, seed) -> Datas
         if root is not None:
             return _read_ucsd(root, name)
         expected = f"{data_root}/UCSD_Anomaly_Dataset.v1p2/{folder}, {data_root}/{folder} or {data_root}/{name}/testing/frames"
+        empty = [d for d in (os.path.join(data_root, "UCSD_Anomaly_Dataset.v1p2", folder), os.path.join(data_root, folder))
+                 if os.path.isdir(d)]
+        if empty:
+            expected += f"; {empty[0]} exists but holds neither Train/ nor Test/"
     elif name == "avenue":
         root = _find_avenue(data_root)
         if root is not None:
@@ -1288,9 +1292,30 @@ def clip_starts(num_frames: int, length: int, stride: int) -> np.ndarray:
 # Run plumbing shared by the five scripts
 # --------------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help text does not already say its default and X means something."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _smooth_spec(spec: str) -> str:
+    """--smooth checked when the command line is parsed, not after training (eval.parse_smooth's rules)."""
+    import eval as vad_eval                  # eval imports common: imported here, not at module level
+    try:
+        vad_eval.parse_smooth(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     """The flags every method script shares; a script adds its own after these."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.set_defaults(method=method)
     p.add_argument("--dataset", choices=DATASETS, default="synthetic", help="dataset to train/test on")
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: env VAD_DATA_ROOT, else ./data)")
@@ -1304,6 +1329,9 @@ def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (also selects the synthetic dataset)")
     p.add_argument("--out", default=None, help=f"output folder (default: runs/{method}/<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue training from <out>/model.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch even though <out>/model.pt exists, replacing it (without this flag "
+                        "training refuses to replace a checkpoint)")
     p.add_argument("--workers", type=int, default=0, help="worker processes for flow/data (0 = all cores)")
     p.add_argument("--cache-dir", default=None, help="frame/flow cache (default: env VAD_CACHE_DIR, else ~/.cache/vad)")
     p.add_argument("--scene", default=None, help="ShanghaiTech scene filter, e.g. 01")
@@ -1311,8 +1339,10 @@ def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="download the public dataset archives into --data-root first")
     p.add_argument("--normalize", choices=("none", "video_minmax"), default=None,
                    help="score normalisation for evaluation (default: the paper's protocol)")
-    p.add_argument("--smooth", default="none", help="score smoothing: none, gaussian:SIGMA or median:K")
-    p.add_argument("--num-panels", type=int, default=4, help="example panels to plot")
+    p.add_argument("--smooth", default="none", type=_smooth_spec,
+                   help="score smoothing: none, gaussian:SIGMA or median:K")
+    p.add_argument("--num-panels", type=int, default=4,
+                   help="example panels to plot (adv3dae draws none: eval.py --overlays draws any run's maps)")
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
                    help="network input size: H W, or one number for a square (default: the paper's)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -1329,6 +1359,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     args.out = args.out or os.path.join("runs", args.method, args.dataset)
     if not args.train and not args.test:
         args.train = args.test = True
+    checkpoint = os.path.join(args.out, "model.pt")
+    if args.train and not args.resume and not getattr(args, "overwrite", False) and os.path.isfile(checkpoint):
+        raise DataError(f"{checkpoint} exists and training from scratch would replace it: --resume continues it (a "
+                        f"finished run is only tested), --test tests it, --overwrite retrains and replaces it, or "
+                        f"choose another --out")
     if getattr(args, "image_size", None) is not None:
         size = tuple(args.image_size)
         if len(size) == 1:
@@ -1372,16 +1407,24 @@ def save_checkpoint(path: str, state: dict) -> None:
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load(weights_only=True); a missing or unreadable file is a DataError naming it."""
+def load_checkpoint(path: str, map_location="cpu", method: str | None = None) -> dict:
+    """torch.load(weights_only=True); a missing or unreadable file, or one written by a script other than
+    `method`'s, is a DataError naming it."""
     import torch
+    expected = f"a model.pt written by {method}.py --train" if method else "a model.pt written by --train"
     if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found (expected a model.pt written by --train)")
+        raise DataError(f"{path}: checkpoint not found (expected {expected})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated/foreign file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: cannot load checkpoint ({first})") from None
+        raise DataError(f"{path}: cannot load checkpoint ({first}; expected {expected})") from None
+    saved_args = state.get("args") if isinstance(state, dict) else None
+    written_by = saved_args.get("method") if isinstance(saved_args, dict) else None
+    if method and written_by and written_by != method:
+        raise DataError(f"{path}: written by {written_by}.py, not {method}.py (test it with {written_by}.py, or "
+                        f"give {method}.py another --out)")
+    return state
 
 
 def _json_safe(obj):
@@ -1478,14 +1521,14 @@ def report_time_stop(script: str, argv, checkpoint: str, progress: str, budget: 
           f"continue with: {continue_command(script, argv)}", flush=True)
 
 
-def resume_checkpoint(path: str, resume: bool, map_location="cpu") -> dict | None:
+def resume_checkpoint(path: str, resume: bool, map_location="cpu", method: str | None = None) -> dict | None:
     """--resume: the checkpoint at `path`, or None (saying so) when there is none yet: a fresh start."""
     if not resume:
         return None
     if not os.path.isfile(path):
         print(f"--resume: no {path} yet, starting fresh", flush=True)
         return None
-    return load_checkpoint(path, map_location=map_location)
+    return load_checkpoint(path, map_location=map_location, method=method)
 
 
 def get_rng_state(generators: dict | None = None) -> dict:
@@ -1533,6 +1576,9 @@ def restore_training_args(args, parser: argparse.ArgumentParser, saved: dict, ke
     saved args into `args`, and warn for each flag the command line set to a different value. Call it on
     the freshly parsed args, before a script fills its own defaults in. Returns the warnings."""
     warnings = []
+    if saved.get("dataset") not in (None, getattr(args, "dataset", None)):
+        warnings.append(f"warning: the checkpoint was trained on {saved['dataset']}; this run uses --dataset {args.dataset}")
+        print(warnings[-1], file=sys.stderr, flush=True)
     for key in keys:
         if key not in saved:
             continue

@@ -937,7 +937,8 @@ def test(model, ds, args, train_time):
              "operating_point": op, "device": str(device),
              "command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
     result = vad_eval.evaluate_run(args.out, ds, normalize=args.normalize, smooth=args.smooth, extra=extra)
-    print(f"operating point (paper thresholds, map >= 1): frame TPR {op['frame_tpr']}, FPR {op['frame_fpr']}")
+    shown = {k: "n/a" if v is None else f"{v:.3f}" for k, v in op.items()}
+    print(f"operating point (paper thresholds, map >= 1): frame TPR {shown['frame_tpr']}, FPR {shown['frame_fpr']}")
     n = write_panels(test_frames, frame_scores, maps, ds, os.path.join(args.out, "panels"), args.num_panels)
     if n:
         print(f"{n} localization panels -> {os.path.join(args.out, 'panels')}")
@@ -1014,7 +1015,7 @@ def resolve_defaults(args):
 
 
 def load_model_checkpoint(path: str) -> dict:
-    ckpt = common.load_checkpoint(path)
+    ckpt = common.load_checkpoint(path, method="deep_anomaly")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise common.DataError(f"{path}: written by an older deep_anomaly.py (D_t of three consecutive averaged frames, "
                                f"expected {CHECKPOINT_FORMAT!r}); retrain with --train into a new --out")

@@ -118,6 +118,7 @@ Usage
     python gan_flow.py --dataset ped2 --data-root ../shared/data --test --backbone-weights none
 """
 
+import json
 import math
 import os
 import time
@@ -761,12 +762,12 @@ def main(argv=None):
     # a test-only run reports the model's training settings; a resumed run continues the checkpoint's
     checkpoint = None
     if not args.train:
-        checkpoint = common.load_checkpoint(ckpt_path)
+        checkpoint = common.load_checkpoint(ckpt_path, method=args.method)
         common.restore_training_args(args, parser, checkpoint["args"], TRAINING_KEYS)
         if "jitter" not in checkpoint["args"]:
             args.jitter = "off"  # trained before the jitter existed
     elif args.resume:
-        checkpoint = common.resume_checkpoint(ckpt_path, True)
+        checkpoint = common.resume_checkpoint(ckpt_path, True, method=args.method)
     synthetic = args.dataset == "synthetic"
     fill = {"image_size": (64, 64) if synthetic else (256, 256), "ngf": 32 if synthetic else 64,
             "ndf": 32 if synthetic else 64, "epochs": 2 if synthetic else 10, "batch_size": 1, "lr": 2e-4,
@@ -792,7 +793,7 @@ def main(argv=None):
 
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
-    print(ds.summary())
+    print(json.dumps(ds.summary()))
 
     if checkpoint is not None:
         config = checkpoint["config"]

@@ -592,7 +592,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
     run = {"flow_scale": None, "energy_reference": {}, "train_time_s": 0.0, "started": time.monotonic(),
            "args": args}
     saved_optimizer = None
-    state = common.resume_checkpoint(ckpt_path, args.resume)
+    state = common.resume_checkpoint(ckpt_path, args.resume, method=args.method)
     if state is not None:
         saved_args = state["args"]
         mine_all = common.args_to_dict(args)
@@ -966,7 +966,7 @@ def main(argv=None):
     args.normalize = args.normalize or "none"        # the paper thresholds raw energies over the whole test set
     ckpt_path = os.path.join(args.out, "model.pt")
     if args.test and not args.train:                 # test-only: the settings the model was trained with
-        saved = dict(common.load_checkpoint(ckpt_path)["args"])
+        saved = dict(common.load_checkpoint(ckpt_path, method=args.method)["args"])
         if "image_size" not in saved and "frame_size" in saved:
             saved["image_size"] = saved["frame_size"]
         common.restore_training_args(args, parser, saved, TRAINING_KEYS)

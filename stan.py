@@ -526,7 +526,7 @@ def train(args, ds, generator, discriminator, argv):
     checkpoint_path = os.path.join(args.out, "model.pt")
     monitor = common.LossMonitor(every=50)
     epoch, step, history, previous_time_s, maxima = 0, 0, [], 0.0, None
-    state = common.resume_checkpoint(checkpoint_path, args.resume)
+    state = common.resume_checkpoint(checkpoint_path, args.resume, method=args.method)
     if state is not None:
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
@@ -917,7 +917,8 @@ def main(argv=None):
     if args.test and not args.train:
         # Test-only: the input size and every training setting the protocol string reports come from the
         # checkpoint (a differing command-line value is ignored with a warning).
-        common.restore_training_args(args, parser, common.load_checkpoint(checkpoint_path)["args"], TRAINING_KEYS)
+        saved = common.load_checkpoint(checkpoint_path, method=args.method)["args"]
+        common.restore_training_args(args, parser, saved, TRAINING_KEYS)
     args = resolve_defaults(args)
     common.seed_everything(args.seed)
     if args.device.type == "cuda":

@@ -185,6 +185,13 @@ def _break_mask_count(base, root):
     return d, None
 
 
+def test_empty_ucsd_folder_is_named_as_such(tmp_path):
+    """Catches: a UCSDped2 folder without Train/ or Test/ reported as if no folder were there."""
+    (tmp_path / "UCSDped2").mkdir()
+    with pytest.raises(common.DataError, match=r"UCSDped2 exists but holds neither Train/ nor Test/"):
+        common.load_dataset("ped2", str(tmp_path))
+
+
 @pytest.mark.parametrize("breaker", [_break_missing_root, _break_empty_video, _break_corrupt_image,
                                      _break_label_length, _break_label_range, _break_mask_count])
 def test_ucsd_errors_name_the_path(tmp_path, breaker, cache_dir):

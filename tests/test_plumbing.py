@@ -72,6 +72,47 @@ def test_resume_checkpoint_missing_starts_fresh_and_says_so(tmp_path, capsys):
     assert common.resume_checkpoint(str(path), True)["epoch"] == 3
 
 
+def test_training_refuses_to_replace_a_checkpoint_without_overwrite(tmp_path):
+    """Catches: a fresh training run silently replacing a trained model.pt (also in the default train+test
+    mode), or refusing where --resume, --test or --overwrite make it safe."""
+    out = tmp_path / "run"
+    _parse(["--out", str(out)])                                  # nothing there yet: fine
+    out.mkdir()
+    common.save_checkpoint(str(out / "model.pt"), {"epoch": 3})
+    for argv in (["--train"], []):
+        with pytest.raises(common.DataError, match=r"model\.pt exists.*--overwrite"):
+            _parse(["--out", str(out), *argv])
+    for argv in (["--train", "--resume"], ["--test"], ["--train", "--overwrite"]):
+        _parse(["--out", str(out), *argv])
+
+
+def test_bad_smooth_is_refused_when_parsing(capsys):
+    """Catches: a bad --smooth accepted by the scripts' parser and found only by the evaluation after training."""
+    assert _parse(["--smooth", "gaussian:2"]).smooth == "gaussian:2"
+    with pytest.raises(SystemExit):
+        _parse(["--smooth", "gauss:2"])
+    assert "gaussian:SIGMA" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_method_is_a_data_error(tmp_path):
+    """Catches: a model.pt written by another script loaded as this one's (it failed later with a KeyError)."""
+    path = str(tmp_path / "model.pt")
+    common.save_checkpoint(path, {"args": {"method": "adv3dae"}, "streams": {}})
+    assert common.load_checkpoint(path, method="adv3dae")["streams"] == {}
+    assert common.load_checkpoint(path)["streams"] == {}
+    with pytest.raises(common.DataError, match="written by adv3dae.py, not stan.py"):
+        common.load_checkpoint(path, method="stan")
+    with pytest.raises(common.DataError, match="not stan.py"):
+        common.resume_checkpoint(path, True, method="stan")
+
+
+def test_help_states_each_default_once():
+    """Catches: argparse's "(default: None)" after a help text that already names the real default."""
+    text = common.build_parser("demo", "demo").format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 0)" in " ".join(text.split())             # --seed: a real default is still shown
+
+
 def _draws(sampler, torch_gen):
     return (torch.rand(4).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)],
             sampler.random(3).tolist(), torch.rand(3, generator=torch_gen).tolist())
@@ -109,6 +150,9 @@ def test_restore_training_args_copies_and_warns_on_disagreement(capsys):
     assert "--epochs 3 ignored" in capsys.readouterr().err
     same = common.parse_args(parser, ["--device", "cpu", "--epochs", "10"])
     assert common.restore_training_args(same, parser, saved, ["epochs"]) == []
+    other = common.parse_args(parser, ["--device", "cpu", "--dataset", "ped2"])
+    warned = common.restore_training_args(other, parser, {**saved, "dataset": "synthetic"}, ["epochs"])
+    assert warned == ["warning: the checkpoint was trained on synthetic; this run uses --dataset ped2"]
 
 
 def test_loss_monitor_means_and_stops_on_a_nan_between_checks():
