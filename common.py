@@ -445,8 +445,12 @@ def _parse_ucsd_m(path: str) -> list:
     return videos
 
 
+def _ucsd_candidates(data_root: str, folder: str):
+    return os.path.join(data_root, "UCSD_Anomaly_Dataset.v1p2", folder), os.path.join(data_root, folder)
+
+
 def _find_ucsd(data_root: str, folder: str):
-    for cand in (os.path.join(data_root, "UCSD_Anomaly_Dataset.v1p2", folder), os.path.join(data_root, folder)):
+    for cand in _ucsd_candidates(data_root, folder):
         if os.path.isdir(os.path.join(cand, "Train")) or os.path.isdir(os.path.join(cand, "Test")):
             return cand
     if os.path.basename(os.path.normpath(data_root)) == folder and os.path.isdir(data_root):
@@ -1045,8 +1049,7 @@ def _load_dataset(name, data_root, scene, labels_file, cache_dir, seed) -> Datas
         if root is not None:
             return _read_ucsd(root, name)
         expected = f"{data_root}/UCSD_Anomaly_Dataset.v1p2/{folder}, {data_root}/{folder} or {data_root}/{name}/testing/frames"
-        empty = [d for d in (os.path.join(data_root, "UCSD_Anomaly_Dataset.v1p2", folder), os.path.join(data_root, folder))
-                 if os.path.isdir(d)]
+        empty = [d for d in _ucsd_candidates(data_root, folder) if os.path.isdir(d)]
         if empty:
             expected += f"; {empty[0]} exists but holds neither Train/ nor Test/"
     elif name == "avenue":
@@ -1360,7 +1363,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     if not args.train and not args.test:
         args.train = args.test = True
     checkpoint = os.path.join(args.out, "model.pt")
-    if args.train and not args.resume and not getattr(args, "overwrite", False) and os.path.isfile(checkpoint):
+    if args.train and not args.resume and not args.overwrite and os.path.isfile(checkpoint):
         raise DataError(f"{checkpoint} exists and training from scratch would replace it: --resume continues it (a "
                         f"finished run is only tested), --test tests it, --overwrite retrains and replaces it, or "
                         f"choose another --out")
