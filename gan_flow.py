@@ -114,7 +114,7 @@ Usage
     # the reduced CPU protocol of the Ped2 figure measured without a GPU (128x128, 7-level U-Net, half
     # width, 2 epochs over every 3rd training pair, random AlexNet): see the README results table
     python gan_flow.py --dataset ped2 --data-root ../shared/data --train --image-size 128 --ngf 32 --ndf 32 \\
-        --epochs 2 --train-stride 3
+        --epochs 2 --train-step 3
     python gan_flow.py --dataset ped2 --data-root ../shared/data --test --backbone-weights none
 """
 
@@ -137,10 +137,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STREAMS = ("both", "motion", "appearance")
 # The paper's (and pix2pix's) settings: a run is labelled "paper settings" only when it uses all of them.
 PAPER_SETTINGS = {"image_size": (256, 256), "ngf": 64, "ndf": 64, "epochs": 10, "batch_size": 1, "lr": 2e-4,
-                  "beta1": 0.5, "l1_weight": 100.0, "dropout": 0.5, "train_stride": 1, "jitter": "on",
+                  "beta1": 0.5, "l1_weight": 100.0, "dropout": 0.5, "train_step": 1, "jitter": "on",
                   "lambda_motion": 2.0, "streams": "both", "backbone_weights": "imagenet", "semantic_size": 256}
 # Training settings a test-only run takes from the checkpoint rather than from the command line.
-TRAINING_KEYS = ("epochs", "batch_size", "lr", "beta1", "l1_weight", "dropout", "train_stride", "jitter",
+TRAINING_KEYS = ("epochs", "batch_size", "lr", "beta1", "l1_weight", "dropout", "train_step", "jitter",
                  "image_size", "ngf", "ndf", "flow_method", "flow_scale")
 
 
@@ -298,9 +298,9 @@ def estimate_flow_scale(train_flows, percentile=99.9, max_frames=400):
     return max(scale, 1e-3)
 
 
-def training_pairs(train_flows, stride):
-    """(video index, t) of every training pair (F_t, O_t), t = 0..T-2, keeping every `stride`-th."""
-    pairs = [(v, t) for v, flows in enumerate(train_flows.values()) for t in range(0, len(flows), stride)]
+def training_pairs(train_flows, step):
+    """(video index, t) of every training pair (F_t, O_t), t = 0..T-2, keeping every `step`-th."""
+    pairs = [(v, t) for v, flows in enumerate(train_flows.values()) for t in range(0, len(flows), step)]
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
@@ -310,10 +310,10 @@ class TrainingSplit:
     gathered there; otherwise each batch is gathered from the cached memmaps and copied (pinned,
     non-blocking). Both give the same tensors. `hold` forces either way (tests)."""
 
-    def __init__(self, train_frames, train_flows, stride, device, hold=None):
+    def __init__(self, train_frames, train_flows, step, device, hold=None):
         self.device = device
         self.frames_list, self.flows_list = list(train_frames.values()), list(train_flows.values())
-        self.pairs = training_pairs(train_flows, stride)
+        self.pairs = training_pairs(train_flows, step)
         self.nbytes = sum(f.nbytes for f in self.frames_list) + sum(f.nbytes for f in self.flows_list)
         if hold is None:
             hold = common.fits_on_device(self.nbytes, device)
@@ -751,7 +751,7 @@ def main(argv=None):
     parser.add_argument("--flow-method", default="farneback", help="optical flow passed to common.load_flows")
     parser.add_argument("--flow-scale", type=float, default=0.0,
                         help="flow scale s in pixels (0: 99.9th percentile of training magnitudes)")
-    parser.add_argument("--train-stride", type=int, default=None,
+    parser.add_argument("--train-step", type=int, default=None,
                         help="use every k-th training pair (paper 1; synthetic 2)")
     parser.add_argument("--test-batch-size", type=int, default=None, help="frames per test batch (CPU 32, CUDA 256)")
     parser.add_argument("--map-size", type=int, default=64, help="side of the A maps stored in scores.npz")
@@ -771,7 +771,7 @@ def main(argv=None):
     synthetic = args.dataset == "synthetic"
     fill = {"image_size": (64, 64) if synthetic else (256, 256), "ngf": 32 if synthetic else 64,
             "ndf": 32 if synthetic else 64, "epochs": 2 if synthetic else 10, "batch_size": 1, "lr": 2e-4,
-            "train_stride": 2 if synthetic else 1, "jitter": "on", "backbone_weights": "none" if synthetic else "imagenet",
+            "train_step": 2 if synthetic else 1, "jitter": "on", "backbone_weights": "none" if synthetic else "imagenet",
             "test_batch_size": 256 if args.device.type == "cuda" else 32}
     for key, value in fill.items():
         if getattr(args, key) is None:
@@ -782,7 +782,7 @@ def main(argv=None):
     if args.image_size[0] != args.image_size[1] or side < 16 or side & (side - 1):
         raise common.DataError(f"--image-size {args.image_size[0]} {args.image_size[1]}: gan_flow's U-Net needs a "
                                "square power-of-two size >= 16 (e.g. 256, the paper's, or 128)")
-    for flag in ("batch_size", "test_batch_size", "epochs", "train_stride", "map_size", "semantic_size"):
+    for flag in ("batch_size", "test_batch_size", "epochs", "train_step", "map_size", "semantic_size"):
         if getattr(args, flag) < (0 if flag == "epochs" else 1):
             raise common.DataError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive number")
     common.seed_everything(args.seed)
@@ -821,7 +821,7 @@ def main(argv=None):
         if not config["flow_scale"]:
             config["flow_scale"] = estimate_flow_scale(train_flows)
         print(f"flow scale s = {config['flow_scale']:.3f} px/frame at {size[0]}x{size[1]}")
-        split = TrainingSplit(train_frames, train_flows, args.train_stride, args.device)
+        split = TrainingSplit(train_frames, train_flows, args.train_step, args.device)
         finished, train_time_s = train(args, config, split, nets, opts, checkpoint, budget, argv_given)
         del split
         if not finished:
@@ -854,7 +854,7 @@ def main(argv=None):
                ("" if epochs_done >= args.epochs else f" of {args.epochs} (unfinished)"))
     label = protocol_label(args, backbone)
     protocol = (f"gan_flow {args.streams}, {size[0]}x{size[1]}, ngf {config['ngf']}, ndf {config['ndf']}, "
-                f"trained {trained}, train stride {args.train_stride}, batch {args.batch_size}, "
+                f"trained {trained}, train step {args.train_step}, batch {args.batch_size}, "
                 f"jitter {args.jitter}, {backbone}, AlexNet input {args.semantic_size}, "
                 f"flow {config['flow_method']}, lambda {args.lambda_motion}, pixel rule strict (paper); {label}")
     normalize = args.normalize or "none"

@@ -149,7 +149,7 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
   and stays close to its initial fit while the encoder's latents move; the paper's budget (96,000 VaDE
   steps per stream) removes that limit. It does not explain the weak energy right after initialisation.
-- More budget of the same kind does not lift it: the appearance stream alone (`--stream rgb`) on 200,000
+- More budget of the same kind does not lift it: the appearance stream alone (`--streams rgb`) on 200,000
   patches with 4 + 4 epochs (10x the reduced run's patch-epochs, 1,378 s) scores frame AUC 49.4% (macro
   40.4%), and 49.4% (macro 56.8%) with static test cells skipped; the reduced run's was 42.9%.
 - Not testable on a CPU: the paper's training budget (24x the reduced run's patches, 5x its epochs; 12x the
@@ -823,10 +823,10 @@ def test(args, ds, models, checkpoint, gray: bool, device):
     results = {k: finish_scores(grids[k], refs[k]) for k in kinds}
     meta = {"method": "gmfc_vae", "dataset": ds.name, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
             "args": common.args_to_dict(args)}
-    common.write_scores(os.path.join(args.out, "scores.npz"), *results["fused"], {**meta, "stream": args.stream})
+    common.write_scores(os.path.join(args.out, "scores.npz"), *results["fused"], {**meta, "streams": args.streams})
     elapsed = time.time() - t0
     for k in kinds[:-1]:       # each stream alone (Table VI), outside the timed region
-        common.write_scores(os.path.join(args.out, f"scores_{k}.npz"), *results[k], {**meta, "stream": k})
+        common.write_scores(os.path.join(args.out, f"scores_{k}.npz"), *results[k], {**meta, "streams": k})
     num_frames = sum(v.num_frames for v in ds.test)
     fps = num_frames / max(elapsed, 1e-9)
     print(f"test: {num_frames} frames in {elapsed:.1f}s = {fps:.1f} frames/s (cached frames"
@@ -845,8 +845,8 @@ def load_models(args, streams, device):
     models = {}
     for s in streams:
         if s not in state["models"]:
-            raise common.DataError(f"{path}: no {s} stream (trained with --stream {state['args'].get('stream')}; "
-                                   f"expected --stream to match)")
+            raise common.DataError(f"{path}: no {s} stream (trained with --streams {state['args'].get('streams')}; "
+                                   f"expected --streams to match)")
         weights = state["models"][s]
         models[s] = GMFCVAE(3, LATENT_DIM, weights["mu_c"].shape[0]).to(device)
         models[s].load_state_dict(weights)
@@ -865,7 +865,7 @@ PAPER = {"image_size": (280, 420), "window": 20, "max_train_patches": 960_000, "
 SYNTHETIC = {"image_size": (112, 168), "window": 8, "max_train_patches": 2_500, "pretrain_epochs": 1,
              "epochs": 2, "batch_size": 100, "lr": 1e-4, "pretrain_lr": 1e-3, "static_test_patches": "skip"}
 # training settings a test-only run takes from model.pt (it reports them, and they define the test input)
-TRAINING_KEYS = ("stream", "components", "image_size", "window", "flow_window", "flow_a", "flow_b", "flow_method",
+TRAINING_KEYS = ("streams", "components", "image_size", "window", "flow_window", "flow_a", "flow_b", "flow_method",
                  "train_stride", "max_train_patches", "motion_threshold", "min_moving_pixels", "pretrain_epochs",
                  "epochs", "batch_size", "lr", "pretrain_lr", "weight_decay", "gmm_fit_patches", "seed")
 
@@ -876,7 +876,7 @@ def fill_defaults(args):
     for key, value in base.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.stream = args.stream or "both"
+    args.streams = args.streams or "both"
     args.image_size = tuple(int(v) for v in args.image_size)
     if args.test_batch_size is None:
         args.test_batch_size = 65536 if args.device.type == "cuda" else 8192
@@ -907,8 +907,8 @@ def protocol_string(args) -> str:
                                                             f"(paper 1e-4)"),
               (args.weight_decay == 5e-4, f"weight decay {args.weight_decay:g} (paper 5e-4)"),
               (args.components == 20, f"K={args.components} (paper 20)"),
-              (args.stream == "both" and (args.alpha, args.beta) == (0.5, 0.5),
-               f"stream {args.stream}, alpha {args.alpha:g} / beta {args.beta:g} (paper both, 0.5 / 0.5)"),
+              (args.streams == "both" and (args.alpha, args.beta) == (0.5, 0.5),
+               f"streams {args.streams}, alpha {args.alpha:g} / beta {args.beta:g} (paper both, 0.5 / 0.5)"),
               (args.static_test_patches == "score",
                f"static test patches skipped (< {args.min_moving_pixels} pixels with frame difference > "
                f"{args.motion_threshold:g}; paper scores all)")]
@@ -923,7 +923,7 @@ def protocol_string(args) -> str:
 
 def build_parser():
     parser = common.build_parser("gmfc_vae", __doc__.strip().splitlines()[0])
-    parser.add_argument("--stream", choices=tuple(STREAMS), default=None,
+    parser.add_argument("--streams", choices=tuple(STREAMS), default=None,
                         help="appearance (rgb), motion (dynamic flow) or both fused by eq. 18 (default both; a "
                              "two-stream run also reports each stream alone)")
     parser.add_argument("--components", type=int, default=20, help="K, Gaussian-mixture components (Table V)")
@@ -982,7 +982,7 @@ def main(argv=None):
     ds = common.load_dataset(args.dataset, args.data_root, scene=args.scene, labels_file=args.labels_file,
                              cache_dir=args.cache_dir, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    streams = STREAMS[args.stream]
+    streams = STREAMS[args.streams]
     gray = args.dataset in GRAY_DATASETS
     print(f"gmfc_vae on {ds.name}: {ds.summary()} | streams {streams} | device {device}")
 

@@ -125,7 +125,7 @@ def test_training_pairs_frame_t_with_its_own_flow(hold):
               enumerate((5, 3, 6))}
     flows = {name: np.stack([np.full((4, 4, 2), float(f[t, 0, 0]), np.float16) for t in range(len(f) - 1)])
              for name, f in frames.items()}
-    split = gan_flow.TrainingSplit(frames, flows, stride=1, device=torch.device("cpu"), hold=hold)
+    split = gan_flow.TrainingSplit(frames, flows, step=1, device=torch.device("cpu"), hold=hold)
     assert split.on_device == hold
     assert len(split.pairs) == 4 + 2 + 5      # T - 1 pairs per video: the last frame has no flow
     order = np.random.default_rng(0).permutation(len(split.pairs))
@@ -134,8 +134,8 @@ def test_training_pairs_frame_t_with_its_own_flow(hold):
     np.testing.assert_array_equal(f_u8[:, 0, 0].numpy(), expected)
     np.testing.assert_array_equal(o_f16[:, 0, 0, 0].float().numpy(), expected)
     assert f_u8.dtype == torch.uint8 and o_f16.dtype == torch.float16
-    strided = gan_flow.training_pairs(flows, 2)
-    assert strided.tolist() == [[0, 0], [0, 2], [1, 0], [2, 0], [2, 2], [2, 4]]
+    every_second = gan_flow.training_pairs(flows, 2)
+    assert every_second.tolist() == [[0, 0], [0, 2], [1, 0], [2, 0], [2, 2], [2, 4]]
 
 
 def test_jitter_shares_crop_and_mirror_negates_dx():
@@ -371,7 +371,7 @@ def test_panels_show_the_scored_outputs():
 # ----------------------------------------------------------------------------------------------- training
 def tiny_argv(shared_cache, out, *extra):
     return ["--dataset", "synthetic", "--cache-dir", shared_cache, "--out", str(out), "--ngf", "8", "--ndf", "8",
-            "--image-size", "32", "--train-stride", "40", "--num-panels", "0", *extra]
+            "--image-size", "32", "--train-step", "40", "--num-panels", "0", *extra]
 
 
 def test_checkpoint_then_resume(shared_cache, tmp_path):
@@ -408,7 +408,7 @@ def test_time_boxed_slices_equal_one_uninterrupted_run(shared_cache, tmp_path, m
     uninterrupted run, bit for bit (jitter on, dropout on, both cGANs). Mutations caught: not restoring the
     torch RNG (dropout), the sampler (order, jitter) or the position within the epoch; re-drawing the epoch
     order on resume; re-seeding the sampler per epoch from the epoch number."""
-    argv = tiny_argv(shared_cache, tmp_path / "whole", "--train", "--epochs", "2", "--train-stride", "80")
+    argv = tiny_argv(shared_cache, tmp_path / "whole", "--train", "--epochs", "2", "--train-step", "80")
     gan_flow.main(argv)
     whole = common.load_checkpoint(str(tmp_path / "whole" / "model.pt"))
     capsys.readouterr()
@@ -421,7 +421,7 @@ def test_time_boxed_slices_equal_one_uninterrupted_run(shared_cache, tmp_path, m
 
     monkeypatch.setattr(common.TimeBudget, "expired", expired)
     sliced_out = tmp_path / "sliced"
-    argv = tiny_argv(shared_cache, sliced_out, "--train", "--epochs", "2", "--train-stride", "80",
+    argv = tiny_argv(shared_cache, sliced_out, "--train", "--epochs", "2", "--train-step", "80",
                      "--max-minutes", "1", "--resume")
     stops = []
     for _ in range(20):

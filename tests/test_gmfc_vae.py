@@ -410,7 +410,7 @@ def test_nan_loss_stops_training_and_saves_nothing(shared_cache, tmp_path, monke
     monkeypatch.setattr(GMFCVAE, "decode", lambda self, z: (z[:, :1, None, None] * float("nan")).expand(-1, 3, 28, 28))
     out = tmp_path / "run"
     with pytest.raises(common.TrainingError):
-        gm.main(TINY + ["--stream", "rgb", "--epochs", "1", "--train", "--cache-dir", shared_cache, "--out", str(out)])
+        gm.main(TINY + ["--streams", "rgb", "--epochs", "1", "--train", "--cache-dir", shared_cache, "--out", str(out)])
     assert not (out / "model.pt").exists()
 
 
@@ -420,16 +420,16 @@ def test_checkpoint_resume_flow_scale_and_test_only_settings(shared_cache, tmp_p
     takes window and size from model.pt and warns. Mutations caught: saving flow_scale 1.0 for an rgb-only
     run; no restore_training_args in a test-only run; no RESUME_KEYS check."""
     out = str(tmp_path / "run")
-    gm.main(TINY + ["--stream", "rgb", "--epochs", "1", "--train", "--cache-dir", shared_cache, "--out", out])
+    gm.main(TINY + ["--streams", "rgb", "--epochs", "1", "--train", "--cache-dir", shared_cache, "--out", out])
     state = common.load_checkpoint(os.path.join(out, "model.pt"))
     assert state["progress"]["rgb"] == {"phase": "vade", "epoch": 1, "step": 0} and state["flow_scale"] is None
     assert state["optimizer"]["stream"] == "rgb" and "rgb" in state["energy_reference"]
     first = {k: v.clone() for k, v in state["models"]["rgb"].items()}
     with pytest.raises(common.DataError, match="--window"):
-        gm.main(TINY + ["--stream", "both", "--window", "5", "--epochs", "1", "--train", "--resume",
+        gm.main(TINY + ["--streams", "both", "--window", "5", "--epochs", "1", "--train", "--resume",
                         "--cache-dir", shared_cache, "--out", out])
     # resume with both streams: rgb goes on for a second epoch, flow trains with an estimated scale
-    gm.main(TINY + ["--stream", "both", "--epochs", "2", "--train", "--resume", "--cache-dir", shared_cache,
+    gm.main(TINY + ["--streams", "both", "--epochs", "2", "--train", "--resume", "--cache-dir", shared_cache,
                     "--out", out])
     state = common.load_checkpoint(os.path.join(out, "model.pt"))
     assert state["progress"]["rgb"]["epoch"] == 2 and state["progress"]["flow"]["epoch"] == 2
@@ -461,7 +461,7 @@ def test_sliced_training_equals_uninterrupted(shared_cache, tmp_path, monkeypatc
     mixture, Adam state, RNG incl. the VaDE sampling noise) as one uninterrupted run, bit for bit on CPU.
     Mutations caught: RNG state not restored on resume; the optimizer state not saved at a stop; the epoch
     restarted from step 0; the step counter advanced past a step that did not run."""
-    argv = TINY + ["--stream", "both", "--epochs", "1", "--train", "--cache-dir", shared_cache]
+    argv = TINY + ["--streams", "both", "--epochs", "1", "--train", "--cache-dir", shared_cache]
     whole = str(tmp_path / "whole")
     gm.main(argv + ["--out", whole])
     sliced = str(tmp_path / "sliced")
@@ -494,7 +494,7 @@ def test_end_to_end_synthetic_defaults(shared_cache, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     frame_scores, maps, meta = __import__("eval").read_scores(str(out / "scores.npz"))
     assert maps["Test001"].shape == (80, 4 * 4, 6 * 4)            # 4x6 grid (112x168 frames), x4 nearest
-    assert meta["method"] == "gmfc_vae" and meta["stream"] == "both"
+    assert meta["method"] == "gmfc_vae" and meta["streams"] == "both"
     assert metrics["frame_auc_micro"] >= 0.75, metrics
     # each stream alone from the same run (Table VI), with its own scores file
     for s in ("rgb", "flow"):
