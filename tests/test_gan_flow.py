@@ -16,6 +16,7 @@ import common
 import gan_flow
 from gan_flow import (AlexNetConv5, PatchDiscriminator, UNetGenerator, discriminator_loss, flow_to_image,
                       fuse_video, generator_loss)
+from toy_data import moving_squares
 from torchvision_alexnet import TORCHVISION_ALEXNET_FEATURES
 
 
@@ -102,6 +103,26 @@ def test_pix2pix_losses_hand_checked():
     assert adversarial.item() == pytest.approx(math.log(1 + math.e), rel=1e-6)
     assert l1.item() == pytest.approx(0.3125)
     assert total.item() == pytest.approx(math.log(1 + math.e) + 31.25, rel=1e-6)
+
+
+def test_pix2pix_steps_lower_the_losses():
+    """Steps on one fixed (frame, flow image) pair at the paper's Adam settings: the L1 term and L_D fall, and
+    with the L1 weight at 0 the cGAN term alone still moves G. Catches: a step that never updates G or D
+    (optimizer on the wrong parameters, missing step), the generated image detached in G's step (no
+    gradient from D into G)."""
+    torch.manual_seed(0)
+    squares = moving_squares(1, 2, 32)
+    frame, flow_image = squares[:, :1], torch.cat([squares[:, 1:], -squares[:, 1:], squares[:, :1]], 1)
+    net = gan_flow.Pix2Pix(1, 3, image_size=32, ngf=8, ndf=8)
+    opt_G, opt_D = gan_flow.make_optimizers(net, lr=2e-4, beta1=0.5)
+    losses = torch.tensor([[v.item() for v in gan_flow.pix2pix_step(net, opt_G, opt_D, frame, flow_image, 100.0, False)]
+                           for _ in range(30)])          # columns: loss_D, loss_G, L1
+    assert losses[-5:, 2].mean() < 0.9 * losses[:5, 2].mean()
+    assert losses[-5:, 0].mean() < 0.5 * losses[:5, 0].mean()
+    before = [p.detach().clone() for p in net.G.parameters()]
+    fresh_opt_G = torch.optim.Adam(net.G.parameters(), lr=2e-4, betas=(0.5, 0.999))   # no momentum left over
+    gan_flow.pix2pix_step(net, fresh_opt_G, opt_D, frame, flow_image, 0.0, False)
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.G.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------- data

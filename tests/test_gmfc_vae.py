@@ -230,6 +230,43 @@ def test_sample_energy_far_from_every_component_is_finite_and_exact():
     np.testing.assert_allclose(energy.item(), nearest, rtol=1e-6)
 
 
+def square_patches(count: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (count, 3, 28, 28): a bright 8x8 square at a random place on a dark patch (learnable structure)."""
+    gen = torch.Generator().manual_seed(seed)
+    patches = torch.full((count, 3, 28, 28), 40, dtype=torch.uint8)
+    for i in range(count):
+        r, c = torch.randint(0, 20, (2,), generator=gen).tolist()
+        patches[i, :, r:r + 8, c:c + 8] = 220
+    return patches
+
+
+def test_training_epochs_lower_the_losses():
+    """run_epoch on 400 square patches: auto-encoder pre-training lowers the squared error, then, from the
+    mixture fitted to the pre-trained latents, VaDE epochs lower the loss of eq. 14 and move the mixture
+    parameters too. Catches: an epoch that never updates the network (missing step, optimizer on the wrong
+    parameters), the mixture left out of the VaDE optimizer or of the loss's graph."""
+    torch.manual_seed(0)
+    patches, cpu = square_patches(400), torch.device("cpu")
+    model = GMFCVAE(3, components=4)
+    args = argparse.Namespace(seed=0, batch_size=100, amp=False)
+    budget = common.TimeBudget(None)
+
+    def epoch_means(optimizer, phase, epochs):
+        return [gm.run_epoch(model, optimizer, patches, args, cpu, phase, {"epoch": e, "step": 0}, budget, phase)[1]
+                for e in range(epochs)]
+
+    optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=1e-3, weight_decay=5e-4)
+    pretrain = epoch_means(optimizer, "pretrain", 4)
+    assert pretrain[-1]["loss"] < 0.7 * pretrain[0]["loss"]
+    gm.init_mixture_from_latents(model, patches, 4, 400, 0, cpu)
+    mixture_before = [p.detach().clone() for p in model.mixture_params()]
+    optimizer = torch.optim.Adam([{"params": model.non_mixture_parameters(), "weight_decay": 5e-4},
+                                  {"params": list(model.mixture_params()), "weight_decay": 0.0}], lr=1e-4)
+    vade = epoch_means(optimizer, "vade", 4)
+    assert vade[-1]["loss"] < 0.8 * vade[0]["loss"]
+    assert all(not torch.equal(b, p) for b, p in zip(mixture_before, model.mixture_params()))
+
+
 def test_vade_loss_against_numpy():
     rng = np.random.default_rng(4)
     N, K, D = 5, 4, 6
