@@ -428,16 +428,18 @@ def _parse_ucsd_m(path: str) -> list:
     except OSError as e:
         raise DataError(f"{path}: cannot read the label file ({e.strerror or type(e).__name__}); expected a readable "
                         f"UCSD .m file") from None
-    text = re.sub(r"%[^\n]*", "", text)          # MATLAB comments: a commented-out line is no video
+    text = re.sub(r"%[^\n]*", "", text)          # MATLAB comments (newlines kept: line numbers stay right)
     videos = []
-    for body in re.findall(r"gt_frame\s*=\s*\[([^\]]*)\]", text):
+    for entry in re.finditer(r"gt_frame\s*=\s*\[([^\]]*)\]", text):
         ranges = []
-        for part in re.split(r"[,;\s]+", body.strip()):
+        for part in re.split(r"[,;\s]+", entry.group(1).strip()):
             if not part:
                 continue
             m = re.fullmatch(r"(\d+)(?::(\d+))?", part)
             if m is None:
-                raise DataError(f"{path}: cannot parse gt_frame entry {part!r} (expected a:b ranges)")
+                line = text.count("\n", 0, entry.start()) + 1
+                raise DataError(f"{path}, line {line} (test video {len(videos) + 1}): cannot parse gt_frame entry "
+                                f"{part!r} (expected a or a:b ranges, 1-based)")
             ranges.append((int(m.group(1)), int(m.group(2) or m.group(1))))
         videos.append(ranges)
     if not videos:
@@ -1421,7 +1423,8 @@ def load_checkpoint(path: str, map_location="cpu", method: str | None = None) ->
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated/foreign file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: cannot load checkpoint ({first}; expected {expected})") from None
+        raise DataError(f"{path}: cannot load checkpoint ({first}; expected {expected}); copy it again if it "
+                        f"was copied, or train a new one with --train --overwrite") from None
     saved_args = state.get("args") if isinstance(state, dict) else None
     written_by = saved_args.get("method") if isinstance(saved_args, dict) else None
     if method and written_by and written_by != method:

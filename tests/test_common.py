@@ -185,6 +185,19 @@ def _break_mask_count(base, root):
     return d, None
 
 
+def test_unparsable_ucsd_label_entry_names_its_line(tmp_path):
+    """The make_ucsd .m file with Test002's range typed as '1-4': the error gives the file, the line (comment
+    lines counted) and the test video. Catches: line numbers shifted by the comment stripping, the video
+    counted from 0."""
+    base, _ = make_ucsd(str(tmp_path))
+    m = os.path.join(base, "Test", "UCSDped2.m")
+    Path(m).write_text(Path(m).read_text().replace("[1:4]", "[1-4]"))
+    with pytest.raises(common.DataError) as e:
+        common.load_dataset("ped2", str(tmp_path))
+    assert_one_line(e.value, m)
+    assert "line 4 (test video 2)" in str(e.value) and "'1-4'" in str(e.value)
+
+
 def test_empty_ucsd_folder_is_named_as_such(tmp_path):
     """Catches: a UCSDped2 folder without Train/ or Test/ reported as if no folder were there."""
     (tmp_path / "UCSDped2").mkdir()
@@ -759,6 +772,12 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
     with pytest.raises(common.DataError) as e:
         common.load_checkpoint(str(tmp_path / "garbage.pt"))
     assert_one_line(e.value, "garbage.pt")
+    whole = Path(path).read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[:len(whole) // 2])      # an interrupted copy
+    with pytest.raises(common.DataError) as e:
+        common.load_checkpoint(str(tmp_path / "truncated.pt"))
+    assert_one_line(e.value, "truncated.pt")
+    assert "--train --overwrite" in str(e.value)
     torch.save({"obj": argparse_namespace()}, str(tmp_path / "pickled.pt"))   # fine for pickle, not weights_only
     with pytest.raises(common.DataError) as e:
         common.load_checkpoint(str(tmp_path / "pickled.pt"))
