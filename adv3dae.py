@@ -16,7 +16,7 @@ the clean clip) and adversarial (eq. 8-12, Algorithm 1): a discriminator D (thre
 auto-encoder minimises L_R = L_rec + lambda L_adv. Both nets use RMSprop, lr 2e-4. At test time there is no
 noise; the reconstruction error of frame t is e_t = mean over its pixels of the squared error (eq. 13) and the
 anomaly score is s_t = (e_t - min_t e_t) / max_t e_t per video (eq. 14). Events are the persistent local maxima
-of s_t, merged within 50 frames (Table X; done by eval.py). `--layers 6` is the shallower network of Table VII,
+of s_t, merged within 50 frames (Table X; done by eval.py, whose docstring gives the rule). `--layers 6` is the shallower network of Table VII,
 `--no-gan` / `--no-noise` the ablations of Tables V and VI, `--flow` the RGB + optical-flow variant of Table IX.
 
 Implementation choices the paper leaves open (not deviations, but stated so they can be checked)
@@ -86,6 +86,19 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   std of each channel. Both streams are trained on the same clips. "Combine" (the paper gives no formula):
   s_t = (s_t^rgb + s_t^flow) / 2, each normalised by eq. 14 first, since raw errors of the two streams have
   unrelated scales; maps likewise (each divided by its stream's max_t e_t, averaged).
+- Events (Table X): the paper sets "the appropriate threshold of the anomaly scores" and groups overlapping
+  local-maximum regions [12] without giving the threshold or the region width. eval.py's rule is ours: peaks
+  of s_t whose persistence is at least 10% of the video's own score range, greedy merging within 50 frames,
+  a detection counted when its peak frame lies in a ground-truth event. Being relative to each video, it
+  gives every non-constant fully normal video at least one false alarm; compare Table X's counts with that
+  in mind.
+- `--flow` noise: the same sigma (0.005) is added to the flow stream, whose input is divided by the training
+  std of each channel (std up to 1); against the gray stream's input std of ~0.05 that is a ~20x weaker
+  corruption. The paper states
+  sigma for the gray input only.
+- `--flow` with skip strides 2 and 3: the flow of each clip frame is still its own t -> t+1 flow, not the flow
+  between consecutive clip frames, so the flow stream does not see the faster apparent motion the skipped
+  gray clips show (the paper gives no rule; test clips use stride 1, so training and test agree).
 - metrics.json's "run_protocol" string says "paper settings" only when every setting the paper gives is at its
   value (size, clip length, noise, lr, skip strides, test stride); otherwise it starts with "changed from the
   paper:" and names each change; it always lists our choices for what the paper does not give (epochs,

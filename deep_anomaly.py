@@ -12,7 +12,7 @@ continuous score for ROC sweeps, auto-encoder trained on a random subset of regi
 What the method does:
     Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three averaged frames
     built from six consecutive frames form the three channels of the network input,
-    D_t = <I'_t-4, I'_t-2, I'_t> (frames t-5 .. t: "combining six frames into a three-channel input, we process
+    D_t = <I'_t-4, I'_t-2, I'_t> (our reading, see the choices below; frames t-5 .. t: "combining six frames into a three-channel input, we process
     a cubic patch of video frames at just one forward-pass", section 4.4; the pairs do not overlap, so every
     one of the six frames enters once). A frozen, ImageNet-pretrained AlexNet cut after conv2 (C1, S1, C2)
     turns D_t into a grid of regional feature vectors in one fully convolutional pass. G1, a Gaussian fitted
@@ -79,6 +79,13 @@ Implementation choices (documented, not in the paper):
     - Thresholds default to percentiles of the training distances on a random subset of training regions
       (drawn independently of the auto-encoder's subset): beta = 90th, alpha = 99.9th percentile of d1, phi =
       99.9th percentile of d2. The paper gives no values; these are fixed a priori, never chosen on test data.
+      The single-G1 ablation (`--no-cascade --single-classifier g1`, which has no second pass over the
+      training split) takes alpha from the auto-encoder's subset instead; `--threshold-samples` is unused there.
+    - D_t: the stored text of the paper loses the formula (section 3.1 breaks off at "D_t = <I'"). We read
+      section 4.4's "combining six frames into a three-channel input" as three averaged frames made of six
+      distinct frames, <I'_t-4, I'_t-2, I'_t>; three consecutive averages <I'_t-2, I'_t-1, I'_t> would overlap
+      and span only four frames (t-3 .. t). This choice also leaves the first 5 frames of a video unscored
+      (3 with the other reading).
     - Sparse auto-encoder loss (the paper names a sparse auto-encoder but not its loss; this is the standard
       one of Ng's notes that the authors' earlier work follows): J = 1/2 mean_n ||x_hat_n - x_n||^2
       + (lambda_wd / 2) (||W_enc||^2 + ||W_dec||^2) + beta_sp sum_j KL(rho || rho_hat_j), sigmoid hidden units,

@@ -400,14 +400,6 @@ def detector_scores(pixel_term, disc_term, detector, lambda_s):
     return abnormality_loss(pixel_term, disc_term, lambda_s)
 
 
-def minmax_per_video(scores):
-    """Eq. 6: s(t) = (l_s(t) - min l_s) / (max l_s - min l_s), NaNs left as NaN (eval.py applies it with
-    normalize="video_minmax")."""
-    scores = np.asarray(scores, dtype=np.float64)
-    low, high = np.nanmin(scores), np.nanmax(scores)
-    return (scores - low) / max(high - low, 1e-12)
-
-
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------

@@ -281,7 +281,8 @@ def test_event_counting_on_constructed_signal():
     labels2[80:90] = 1
     assert ev.count_events(s, labels2, window=50) == {"detected": 0, "total": 1, "false_alarms": 3}
     r = ev.evaluate({"Test001": s}, None, make_ds([labels]))
-    assert r["events"] == {"detected": 1, "total": 2, "false_alarms": 2, "window": 50, "min_persistence": 0.1}
+    assert r["events"] == {"detected": 1, "total": 2, "false_alarms": 2, "precision": pytest.approx(1 / 3),
+                           "window": 50, "min_persistence": 0.1}      # precision: detected / (detected + FA)
 
 
 def test_event_window_and_persistence_thresholds_are_inclusive():
@@ -323,7 +324,8 @@ def test_event_settings_are_keywords_flags_and_recorded(tmp_path):
     ds = make_ds([labels])
     assert ev.EVENT_WINDOW == 50 and ev.EVENT_MIN_PERSISTENCE == 0.1
     default = ev.evaluate({"Test001": s}, None, ds)["events"]
-    assert default == {"detected": 1, "total": 1, "false_alarms": 2, "window": 50, "min_persistence": 0.1}
+    assert default == {"detected": 1, "total": 1, "false_alarms": 2, "precision": pytest.approx(1 / 3), "window": 50,
+                       "min_persistence": 0.1}
     wide = ev.evaluate({"Test001": s}, None, ds, event_window=61)["events"]
     assert wide["false_alarms"] == 1 and wide["window"] == 61            # 130 merged into 70
     strict = ev.evaluate({"Test001": s}, None, ds, event_persistence=0.5)
@@ -331,7 +333,8 @@ def test_event_settings_are_keywords_flags_and_recorded(tmp_path):
     meta = {"method": "toy", "dataset": "fake", "protocol": {"normalize": "none", "smooth": "none"}, "args": {}}
     common.write_scores(str(tmp_path / "scores.npz"), {"Test001": s}, None, meta)
     r = ev.evaluate_run(str(tmp_path), ds, event_window=61, event_persistence=0.5, plots=False)
-    assert r["events"] == {"detected": 1, "total": 1, "false_alarms": 0, "window": 61, "min_persistence": 0.5}
+    assert r["events"] == {"detected": 1, "total": 1, "false_alarms": 0, "precision": 1.0, "window": 61,
+                           "min_persistence": 0.5}
     assert (r["protocol"]["event_window"], r["protocol"]["event_persistence"]) == (61, 0.5)
     for bad in ({"event_window": 0}, {"event_window": 2.5}, {"event_persistence": 1.5}):
         with pytest.raises(ValueError):

@@ -334,8 +334,6 @@ def test_lambda_s_rule_and_abnormality_loss():
     np.testing.assert_allclose(stan.detector_scores(pixel[1], disc[1], "g", 2.0), pixel[1])
     np.testing.assert_allclose(stan.detector_scores(pixel[1], disc[1], "d", 2.0), disc[1])
     np.testing.assert_allclose(stan.detector_scores(pixel[1], disc[1], "gd", 2.0), [np.nan, 10.5, 2.0, np.nan])
-    # Eq. 6 on l_s = [nan, 3, 6, 4.5]: (l - 3) / (6 - 3)
-    np.testing.assert_allclose(stan.minmax_per_video([np.nan, 3.0, 6.0, 4.5]), [np.nan, 0.0, 1.0, 0.5])
 
 
 class _RecordingOptimizer:
