@@ -28,8 +28,8 @@ Deviations (from the paper / pix2pix, each with its reason)
     1. Optical flow: OpenCV Farneback from common.load_flows (cached; `--flow-method`), not the flow method
        of the paper's reference [28]: the shared, cached flow of this repository; no other flow code here.
     2. Flow image encoding (the paper gives none): with s = the flow scale (`--flow-scale`; default: the
-       99.9th percentile of the per-pixel flow magnitude over the normal training flows, at the GAN's input
-       size, stored in the checkpoint), O = (dx / s, dy / s, 2 * |flow| / s - 1), clipped to [-1, 1], i.e.
+       99.9th percentile of the per-pixel flow magnitude over an evenly spaced sample of ~400 normal training
+       flows, at the GAN's input size, stored in the checkpoint), O = (dx / s, dy / s, 2 * |flow| / s - 1), clipped to [-1, 1], i.e.
        the [-1, 1] range of pix2pix images (zero motion is (0, 0, -1)).
     3. Normalisation layers are InstanceNorm2d(affine=True) instead of BatchNorm2d. pix2pix trains with
        batch 1 and applies batch normalisation with the statistics of the test batch at test time ("instance
@@ -37,11 +37,13 @@ Deviations (from the paper / pix2pix, each with its reason)
        exact when many test frames are batched for throughput (and when `--batch-size` > 1, where it differs
        from pix2pix's batch statistics): a frame's output does not depend on the other frames of its batch.
     4. Dropout (the noise z, p = 0.5) sits in the first three decoder blocks as in the pix2pix paper
-       (CD512-CD1024-CD1024); the public pix2pix code puts it one level lower. It is always on, also at test
-       (seeded with --seed; the draws depend on the test batch size, so scores move slightly with it).
+       (CD512-CD1024-CD1024) and its original Torch code (the later PyTorch port puts it one level lower). It
+       is always on, also at test (seeded with --seed; the draws depend on the test batch size, so scores
+       move slightly with it). Not a deviation; listed because the two public codes differ.
     5. Channel reductions, which the paper leaves open: Delta_O and Delta_S are reduced to one value per
        pixel by the L2 norm over channels (3 flow channels; 256 conv5 channels), which also makes them
-       non-negative so that "normalised by the maximum" maps them to [0, 1].
+       non-negative so that "normalised by the maximum" maps them to [0, 1]. Delta_S is reduced on the
+       15x15 grid and then upsampled (the paper upsamples Delta_S and reduces nothing).
     6. h = AlexNet conv5 *after* its ReLU (torchvision features[:12]; "before pooling" as in the paper). The
        paper says only "AlexNet [8]" pre-trained on ImageNet; the Caffe model common in 2017 runs relu5 in
        place, so its conv5 blob holds post-ReLU values, which is why we take them after the ReLU. The net
@@ -63,7 +65,7 @@ Deviations (from the paper / pix2pix, each with its reason)
    11. Training jitter is pix2pix's (resize to 286x286, a random 256x256 crop, a random horizontal mirror with
        probability 1/2; `--jitter on`, the default; `--jitter off` trains on the plain frames), with three
        differences: the resize starts from the cached frames/flow images at the GAN size (one more bilinear
-       resampling) and is bilinear (pix2pix: bicubic from the original image), done on the device; at other
+       resampling) and is bilinear (pix2pix's PyTorch port: bicubic from the original image), done on the device; at other
        sizes S the resize goes to round(S * 286 / 256); a mirrored flow has its dx channel negated (pix2pix
        mirrors the flow image as a picture, which leaves a left-moving pedestrian's flow pointing right). The
        frame and its flow share one crop and mirror, and both cGANs see the same jittered pair in a step.
