@@ -154,6 +154,9 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   test cells skipped), a single full Gaussian 49.9%, diagonal GMMs on the top 4 / 8 / 16 whitened
   components 53.8 / 49.6 / 52.5%: the axes explain why the energy falls below chance, not why it stays
   near it.
+- Training patches with more motion: with `--min-moving-pixels 80` (374,284 candidate positions instead of
+  1,071,309 with the literal "any moving pixel"; same reduced protocol, appearance stream alone) the frame AUC is 46.4%
+  (macro 37.6%) against 42.8%: not the cause either.
 - Why the refit helps (reasoning, not a measurement): Adam moves each parameter by about lr per step, so in
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
   and stays close to its initial fit while the encoder's latents move; the paper's budget (96,000 VaDE
