@@ -245,8 +245,8 @@ def test_classifiers_stay_float32_under_autocast():
 def test_autoencoder_epochs_lower_the_loss():
     """train_autoencoder on features with low-rank structure (8 factors in 64 dimensions): five epochs at the
     script's defaults lower the sparse auto-encoder loss J and its reconstruction part on the whole set, with
-    every epoch saved. Catches: epochs that never update the auto-encoder (missing step, optimizer on other parameters),
-    the loss computed on unstandardised features, a run that returns before its last epoch."""
+    every epoch saved. Catches: epochs that never update the auto-encoder (missing step, optimizer on other
+    parameters), the loss computed on unstandardised features, a run that returns before its last epoch."""
     gen = torch.Generator().manual_seed(0)
     data = 10.0 + 3.0 * (torch.randn(1000, 8, generator=gen) @ torch.randn(8, 64, generator=gen)
                          + 0.1 * torch.randn(1000, 64, generator=gen))  # off zero mean and unit scale

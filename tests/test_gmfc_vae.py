@@ -16,6 +16,7 @@ from scipy.stats import multivariate_normal
 import common
 import gmfc_vae as gm
 from gmfc_vae import GMFCVAE
+from toy_data import moving_squares
 
 
 # ------------------------------------------------------------------------------------------ rank pooling
@@ -230,23 +231,15 @@ def test_sample_energy_far_from_every_component_is_finite_and_exact():
     np.testing.assert_allclose(energy.item(), nearest, rtol=1e-6)
 
 
-def square_patches(count: int, seed: int = 0) -> torch.Tensor:
-    """uint8 (count, 3, 28, 28): a bright 8x8 square at a random place on a dark patch (learnable structure)."""
-    gen = torch.Generator().manual_seed(seed)
-    patches = torch.full((count, 3, 28, 28), 40, dtype=torch.uint8)
-    for i in range(count):
-        r, c = torch.randint(0, 20, (2,), generator=gen).tolist()
-        patches[i, :, r:r + 8, c:c + 8] = 220
-    return patches
-
-
 def test_training_epochs_lower_the_losses():
     """run_epoch on 400 square patches: auto-encoder pre-training lowers the squared error, then, from the
     mixture fitted to the pre-trained latents, VaDE epochs lower the loss of eq. 14 and move the mixture
     parameters too. Catches: an epoch that never updates the network (missing step, optimizer on the wrong
     parameters), the mixture left out of the VaDE optimizer or of the loss's graph."""
     torch.manual_seed(0)
-    patches, cpu = square_patches(400), torch.device("cpu")
+    squares = moving_squares(400, 1, 28)            # one frame each: a bright 8x8 square on a dark patch
+    patches = ((squares + 1) * 127.5).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    cpu = torch.device("cpu")
     model = GMFCVAE(3, components=4)
     args = argparse.Namespace(seed=0, batch_size=100, amp=False)
     budget = common.TimeBudget(None)
