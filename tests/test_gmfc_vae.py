@@ -520,8 +520,8 @@ def test_sliced_training_equals_uninterrupted(shared_cache, tmp_path, monkeypatc
 
 def test_end_to_end_synthetic_defaults(shared_cache, tmp_path):
     """`python gmfc_vae.py --dataset synthetic` reaches frame AUC >= 0.75 and reports each stream alone.
-    Unlike the other methods' synthetic runs, this bar also needs the training: the same run stopped after
-    its first step scores 0.672 (trained: 0.966)."""
+    Unlike stan's, adv3dae's and gan_flow's synthetic runs, this bar also needs the training: the same run
+    stopped after its first step scores 0.672 (trained: 0.966)."""
     out = tmp_path / "run"
     gm.main(["--dataset", "synthetic", "--device", "cpu", "--cache-dir", shared_cache, "--out", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
