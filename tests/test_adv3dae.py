@@ -1,7 +1,8 @@
 """Tests for adv3dae.py (Sun et al., IEEE TMM 2021): shapes of Fig. 2 / Table VII, max-unpooling at the recorded
 locations, the denoising noise (training only), eq. 14, the losses of eq. 7-12, Hasan's strided clips, the clip
 aggregation at test time, time-boxed slices == one uninterrupted run, test-only runs that report the
-checkpoint's settings, NaN handling and an end-to-end synthetic run.
+checkpoint's settings, NaN handling, an untrained model scoring as mean-image background subtraction and an
+end-to-end synthetic run.
 
 Each test that guards against a specific bug names the mutation it catches ("Catches: ...")."""
 
@@ -476,6 +477,22 @@ def test_channels_last_scores_equal_default():
         outs.append(adv3dae.score_videos(model, stream, videos, [20], args))
     np.testing.assert_allclose(outs[0][0][0], outs[1][0][0], rtol=1e-5)
     np.testing.assert_allclose(outs[0][1][0], outs[1][1][0], rtol=1e-5, atol=1e-8)
+
+
+def test_fresh_model_scores_as_mean_image_background_subtraction():
+    """The last de-convolution starts at zero, so an untrained auto-encoder reconstructs every clip as the
+    training mean image and its e_t is mean over pixels of (frame / 255 - mean image)^2, computed here
+    directly: the baseline the docstring's short-budget Ped2 figures are compared with.
+    Catches: PyTorch's default (or Xavier) init left on the last layer, a non-zero bias there."""
+    torch.manual_seed(7)
+    rng = np.random.default_rng(3)
+    videos = [rng.integers(0, 256, (24, 16, 16), dtype=np.uint8), rng.integers(0, 256, (16, 16, 16), dtype=np.uint8)]
+    mean = rng.uniform(0.2, 0.8, (16, 16)).astype(np.float32)
+    args = parsed("--image-size", "16", "--test-batch-size", "2", "--map-pool", "2")
+    ae = Adv3DAE(1, (4, 4, 4, 4, 4), layers=10)
+    errors, _ = adv3dae.score_videos(ae, FrameStream(torch.from_numpy(mean)), videos, [24, 16], args)
+    for e, v in zip(errors, videos):
+        np.testing.assert_allclose(e, ((v / 255.0 - mean) ** 2).mean((1, 2)), rtol=1e-5)
 
 
 def test_combine_streams_averages_eq14_scores():
