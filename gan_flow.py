@@ -109,8 +109,8 @@ Runs, speed and reproducibility
     - `--amp` (bf16 autocast on CUDA) stays opt-in: its effect on the metrics has not been measured.
     - A baseline to beat, not only chance: at the README's reduced Ped2 command, a model stopped after one
       training step (`--max-minutes 0.001`, then `--test`) scores 91.1 frame AUC (motion stream alone
-      88.0), above the models trained for the command's 2 epochs (85.4 and 81.0 in two training runs) and
-      for 10 (79.6, motion alone 73.5). The motion error of a generator that has not learned already ranks
+      88.0), above the model trained for the command's 2 epochs (81.0, motion alone 78.4) and for 10
+      (79.6, motion alone 73.5). The motion error of a generator that has not learned already ranks
       Ped2's fast bikes and carts well.
 
 Usage
