@@ -123,8 +123,8 @@ Deviations
   unchanged.
 - Real UCSD Ped2 on the 2-core CPU used a reduced protocol (labelled "REDUCED" in metrics.json's "run_protocol"):
   40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (about 7 min
-  of training). Frame AUC 77.0% micro / 79.9% macro, EER 30.1%, pixel AUC 37.4% / EER 56.4%; motion stream
-  alone 80.8%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
+  of training on idle cores). Frame AUC 77.6% micro / 80.0% macro, EER 30.4%, pixel AUC 39.9% / EER 55.5%;
+  motion stream alone 80.9%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
 
 Why the appearance stream fails on Ped2 at that budget (measured on every 3rd test frame; "patch AUC" ranks
 the test cells more than 25% covered by the anomaly mask against the cells outside every mask)
