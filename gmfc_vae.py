@@ -122,8 +122,9 @@ Deviations
   0.94 -> 0.50), static test patches skipped. Patch size, network (Table I), K = 20 and the scoring are
   unchanged.
 - Real UCSD Ped2 on the 2-core CPU used a reduced protocol (labelled "REDUCED" in metrics.json's "run_protocol"):
-  40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (about 7 min
-  of training on idle cores). Frame AUC 77.6% micro / 80.0% macro, EER 30.4%, pixel AUC 39.9% / EER 55.5%;
+  40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (437 s of
+  training on idle cores with an earlier version of this script; 1,270 s for the run below, with the cores
+  shared). Frame AUC 77.6% micro / 80.0% macro, EER 30.4%, pixel AUC 39.9% / EER 55.5%;
   motion stream alone 80.9%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
 
 Why the appearance stream fails on Ped2 at that budget (measured on every 3rd test frame; "patch AUC" ranks
