@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# GPU check of the five methods on real UCSD Ped2 inside one time budget (a short GPU slot).
+#
+#   bash .ci/gpu_ped2.sh BUDGET_S            # e.g. 540 on a GPU; DATA_ROOT must hold UCSDped2/
+#   DATASET=synthetic bash .ci/gpu_ped2.sh 900   # the same sequence on the synthetic data (a CPU smoke test)
+#
+# Ped2 is larger than one transfer to a lent GPU machine (64 MiB a call, checkout included), so it goes in
+# two pieces, in calls made back to back while the machine stays warm (carry/ is git-ignored):
+#   tar cf carry/ped2/train.tar -C ../shared/data UCSDped2/Train      # 59 MB
+#   tar czf carry/ped2/test.tgz -C ../shared/data UCSDped2/Test       # 46 MB (the BMP masks compress)
+#   call 1 (carry carry/ped2/train.tar): mkdir -p /root/data && tar xf carry/ped2/train.tar -C /root/data
+#   call 2 (carry carry/ped2/test.tgz):  tar xzf carry/ped2/test.tgz -C /root/data && bash .ci/gpu_ped2.sh 540
+#
+# Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
+# default $RUNS/out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2).
+#
+# In order of what a short slot should bring back first:
+#   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s;
+#   2. adv3dae at the paper protocol, trained for what the budget allows (resumable), then tested;
+#      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
+#   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after one
+#      training step (their frames/s at the paper's input size; their AUCs mean nothing), and adv3dae's
+#      6 vs 10 layers at test batch 1;
+#   4. with time left: adv3dae --no-gan at the paper protocol (Table V ablation).
+# Every training step resumes its checkpoint, so running the script again on the same machine continues
+# the paper-protocol training where the last call stopped. Each step has its own time limit and log; a step that fails does not stop the others. Everything is
+# summarised in $OUT/summary.txt, and $OUT/results.tgz holds every log, metrics.json and the frame scores
+# of every run (scores.npz without its maps), small enough to bring back from a GPU machine; the
+# paper-protocol runs' full scores.npz are copied beside it when under 16 MB.
+set -u
+cd "$(dirname "$0")/.."
+
+BUDGET=${1:?usage: bash .ci/gpu_ped2.sh BUDGET_S}
+DATASET=${DATASET:-ped2}
+DATA_ROOT=${DATA_ROOT:-/root/data}
+RUNS=${RUNS:-/root/runs}
+OUT=${OUT:-$RUNS/out}
+export VAD_CACHE_DIR=${VAD_CACHE_DIR:-/root/cache}
+export PYTHONUNBUFFERED=1
+LOGS=$RUNS/logs
+mkdir -p "$RUNS" "$LOGS" "$OUT"
+SUMMARY=$OUT/summary.txt
+D="--dataset $DATASET --data-root $DATA_ROOT"
+T0=$(date +%s)
+PACK_RESERVE=20                      # seconds kept for packing the results
+
+left() { echo $((BUDGET - $(date +%s) + T0 - PACK_RESERVE)); }
+say() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$SUMMARY"; }
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND with its output in $LOGS/NAME.log, for at most LIMIT_S seconds
+# and never past the budget; skipped when under 15 s would be left.
+step() {
+    local name=$1 limit=$2; shift 2
+    local avail; avail=$(left)
+    if [ "$limit" -gt "$avail" ]; then limit=$avail; fi
+    if [ "$limit" -lt 15 ]; then say "$name: skipped (budget)"; return 99; fi
+    local start; start=$(date +%s)
+    timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    say "$name: rc $rc in $(($(date +%s) - start))s (limit ${limit}s): $*"
+    # the lines a reader wants from the log: throughput, results, warnings, errors
+    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "frames/s|steps/s|AUC|auc|training done|stopped|warning|Error|error" \
+        | grep -a -v "it/s\]$" | tail -n 12 | sed "s/^/    /" | tee -a "$SUMMARY"
+    return $rc
+}
+
+# train NAME RESERVE_S COMMAND...: COMMAND --max-minutes M, M leaving RESERVE_S seconds of the budget for what
+# follows (at least 30 s of training, else skipped)
+train() {
+    local name=$1 reserve=$2; shift 2
+    local seconds=$(( $(left) - reserve ))
+    if [ "$seconds" -lt 30 ]; then say "$name: skipped (budget)"; return 99; fi
+    step "$name" $((seconds + 60)) "$@" --max-minutes "$(python3 -c "print(round($seconds / 60, 2))")"
+}
+
+say "budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS"
+step env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, cv2, sklearn; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\", \"opencv\", cv2.__version__)"'
+if [ "$DATASET" = ped2 ]; then
+    step summary 60 python3 common.py $D --summary
+fi
+
+# 1. deep_anomaly, paper protocol, random backbone (no ImageNet file on a machine without internet)
+step deep_anomaly 240 python3 deep_anomaly.py $D --backbone-weights none --resume --out "$RUNS/deep_anomaly"
+
+# 2. flows for gan_flow (256x256) and gmfc_vae (420x280) on the CPU cores while adv3dae trains on the GPU
+FLOW_WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
+[ "$DATASET" = synthetic ] && FLOW_SIZES="(64,64) (112,168)" || FLOW_SIZES="(256,256) (280,420)"
+python3 - "$DATASET" "$DATA_ROOT" "$FLOW_WORKERS" $FLOW_SIZES >"$LOGS/flows.log" 2>&1 <<'EOF' &
+import ast, sys, time
+import common
+name, root, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ds = common.load_dataset(name, root)
+for size in map(ast.literal_eval, sys.argv[4:]):
+    for split in ("train", "test"):
+        t0 = time.time()
+        flows = common.load_split_flows(ds, split, size, method="farneback", workers=workers)
+        num = sum(len(f) for f in flows.values())
+        print(f"flows {split} {size[1]}x{size[0]}: {num} flows in {time.time() - t0:.1f}s = "
+              f"{num / (time.time() - t0):.1f} frames/s ({workers} processes)")
+EOF
+FLOWS_PID=$!
+
+# adv3dae, paper protocol: train for what leaves ~200 s for the rest, then test (also an unfinished model)
+train adv3dae_train 200 python3 adv3dae.py $D --train --resume --out "$RUNS/adv3dae"
+step adv3dae_test 120 python3 adv3dae.py $D --test --out "$RUNS/adv3dae"
+wait $FLOWS_PID
+say "flows: $(grep -a 'flows ' "$LOGS/flows.log" | tr '\n' ';')"
+
+# 3. test throughput on one-step models (the AUCs of these runs say nothing about the methods)
+one_step() {
+    local name=$1 script=$2; shift 2
+    step "${name}_1step_train" 90 python3 "$script" $D --train --resume --max-minutes 0.001 --out "$RUNS/${name}_1step" "$@" \
+        && step "${name}_1step_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_1step" "$@"
+}
+one_step stan stan.py --lambda-s 1
+one_step gan_flow gan_flow.py --backbone-weights none
+one_step gmfc_vae gmfc_vae.py
+one_step adv3dae_l6 adv3dae.py --layers 6
+# launch-bound comparison of 6 vs 10 layers (Table VII's ratio): test batch 1, on copies of the models
+for run_layers in "adv3dae_l6_1step 6" "adv3dae 10"; do
+    set -- $run_layers
+    if [ -f "$RUNS/$1/model.pt" ]; then
+        mkdir -p "$RUNS/adv3dae_b1_l$2" && cp "$RUNS/$1/model.pt" "$RUNS/adv3dae_b1_l$2/"
+        step "adv3dae_b1_l$2" 90 python3 adv3dae.py $D --test --test-batch-size 1 --out "$RUNS/adv3dae_b1_l$2"
+    fi
+done
+
+# 4. with time left: the adversarial term's ablation at the paper protocol
+if [ "$(left)" -gt 240 ]; then
+    train adv3dae_nogan_train 60 python3 adv3dae.py $D --train --resume --no-gan --out "$RUNS/adv3dae_nogan"
+    step adv3dae_nogan_test 60 python3 adv3dae.py $D --test --out "$RUNS/adv3dae_nogan"
+fi
+
+# results: every log and metrics.json, and each run's frame scores (maps dropped, to stay small)
+python3 - "$RUNS" "$OUT" <<'EOF'
+import glob, os, sys
+import numpy as np
+runs, out = sys.argv[1], sys.argv[2]
+for path in glob.glob(os.path.join(runs, "*", "scores*.npz")):
+    with np.load(path, allow_pickle=False) as z:
+        kept = {k: z[k] for k in z.files if not k.startswith("map/")}
+    np.savez(path[:-4] + "_frames.npz", **kept)
+EOF
+for run in deep_anomaly adv3dae adv3dae_nogan; do         # the paper-protocol runs' scores, maps included
+    f=$RUNS/$run/scores.npz
+    if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp "$f" "$OUT/scores_$run.npz"; fi
+done
+(cd "$RUNS" && tar czf "$OUT/results.tgz" logs */metrics.json */*_frames.npz 2>/dev/null)
+say "done: $(du -h "$OUT/results.tgz" | cut -f1) in $OUT/results.tgz"
