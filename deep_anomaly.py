@@ -272,9 +272,10 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """CT: sigmoid(W ((x - m) / s) + b) = sigmoid((W / s) x + (b - W (m / s))), in float32."""
-        weight = self.encoder.weight / self.in_std
-        bias = self.encoder.bias - weight @ self.in_mean
         with torch.autocast(x.device.type, enabled=False):
+            # the folded standardisation too: W m computed in bf16 shifts every unit's bias by ~1e-3
+            weight = self.encoder.weight / self.in_std
+            bias = self.encoder.bias - weight @ self.in_mean
             return torch.sigmoid(F.linear(x.float(), weight, bias))
 
     def forward(self, x: torch.Tensor):

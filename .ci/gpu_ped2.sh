@@ -18,9 +18,9 @@
 #   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s;
 #   2. adv3dae at the paper protocol, trained for what the budget allows (resumable), then tested;
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
-#   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after one
-#      training step (their frames/s at the paper's input size; their AUCs mean nothing), and adv3dae's
-#      6 vs 10 layers at test batch 1;
+#   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
+#      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's and gan_flow's
+#      training steps/s), and adv3dae's 6 vs 10 layers at test batch 1;
 #   4. with time left: adv3dae --no-gan at the paper protocol (Table V ablation).
 # Every training step resumes its checkpoint, so running the script again on the same machine continues
 # the paper-protocol training where the last call stopped. Each step has its own time limit and log; a step that fails does not stop the others. Everything is
@@ -61,6 +61,9 @@ step() {
     # the lines a reader wants from the log: throughput, results, warnings, errors
     tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "frames/s|steps/s|AUC|auc|training done|stopped|warning|Error|error" \
         | grep -a -v "it/s\]$" | tail -n 12 | sed "s/^/    /" | tee -a "$SUMMARY"
+    # and the last progress bar's rate (tqdm's smoothed it/s: the training steps/s of a slice)
+    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "(it/s|s/it)\]$" | tail -n 1 | sed "s/^/    last bar: /" \
+        | tee -a "$SUMMARY"
     return $rc
 }
 
@@ -101,23 +104,26 @@ EOF
 FLOWS_PID=$!
 
 # adv3dae, paper protocol: train for what leaves ~200 s for the rest, then test (also an unfinished model)
-train adv3dae_train 200 python3 adv3dae.py $D --train --resume --out "$RUNS/adv3dae"
+train adv3dae_train 240 python3 adv3dae.py $D --train --resume --out "$RUNS/adv3dae"
 step adv3dae_test 120 python3 adv3dae.py $D --test --out "$RUNS/adv3dae"
 wait $FLOWS_PID
 say "flows: $(grep -a 'flows ' "$LOGS/flows.log" | tr '\n' ';')"
 
-# 3. test throughput on one-step models (the AUCs of these runs say nothing about the methods)
+# 3. test throughput on models stopped after a short slice (MINUTES of training, counted from the start of
+# the run): the AUCs of these runs say nothing about the methods. stan's and gan_flow's slices are long
+# enough for their paper-protocol training steps/s ("last bar"), which sizes their full schedules.
 one_step() {
-    local name=$1 script=$2; shift 2
-    step "${name}_1step_train" 90 python3 "$script" $D --train --resume --max-minutes 0.001 --out "$RUNS/${name}_1step" "$@" \
-        && step "${name}_1step_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_1step" "$@"
+    local name=$1 script=$2 minutes=$3; shift 3
+    step "${name}_short_train" 120 python3 "$script" $D --train --resume --max-minutes "$minutes" \
+        --out "$RUNS/${name}_short" "$@" \
+        && step "${name}_short_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_short" "$@"
 }
-one_step stan stan.py --lambda-s 1
-one_step gan_flow gan_flow.py --backbone-weights none
-one_step gmfc_vae gmfc_vae.py
-one_step adv3dae_l6 adv3dae.py --layers 6
+one_step stan stan.py 0.4 --lambda-s 1
+one_step gan_flow gan_flow.py 0.4 --backbone-weights none
+one_step gmfc_vae gmfc_vae.py 0.001
+one_step adv3dae_l6 adv3dae.py 0.001 --layers 6
 # launch-bound comparison of 6 vs 10 layers (Table VII's ratio): test batch 1, on copies of the models
-for run_layers in "adv3dae_l6_1step 6" "adv3dae 10"; do
+for run_layers in "adv3dae_l6_short 6" "adv3dae 10"; do
     set -- $run_layers
     if [ -f "$RUNS/$1/model.pt" ]; then
         mkdir -p "$RUNS/adv3dae_b1_l$2" && cp "$RUNS/$1/model.pt" "$RUNS/adv3dae_b1_l$2/"

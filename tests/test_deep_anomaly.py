@@ -222,13 +222,15 @@ def test_float32_mahalanobis_against_float64_reference():
 def test_classifiers_stay_float32_under_autocast():
     """--amp runs the convolutions in bf16; G1, CT and G2 must not follow. Mutation caught: removing the
     autocast-disabled region in GaussianClassifier.distance or SparseAutoencoder.encode (F.linear would run in
-    bf16, errors ~1e-2)."""
+    bf16, errors ~1e-2), or folding CT's standardisation (W m) into its bias outside that region (~1e-3)."""
     torch.manual_seed(1)
     d = 192
     g = da.GaussianClassifier(d)
     a = torch.randn(d, d, dtype=torch.float64)
     g.fit(torch.rand(d, dtype=torch.float64) * 3, a @ a.T / d, 1e-3)
     ae = da.SparseAutoencoder(d, 64)
+    ae.in_mean.uniform_(1.0, 2.0)                           # a standardisation that is not the identity
+    ae.in_std.uniform_(0.3, 0.5)
     x = torch.rand(300, d) * 3
     plain_d, plain_h = g.distance(x), ae.encode(x)
     with torch.autocast("cpu", torch.bfloat16):
