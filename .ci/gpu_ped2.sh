@@ -12,21 +12,22 @@
 #   call 2 (carry carry/ped2/test.tgz):  tar xzf carry/ped2/test.tgz -C /root/data && bash .ci/gpu_ped2.sh 540
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
-# default $RUNS/out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2).
+# default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2).
 #
 # In order of what a short slot should bring back first:
 #   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s;
-#   2. adv3dae at the paper protocol, trained for what the budget allows (resumable), then tested;
+#   2. adv3dae at the paper protocol, trained for what the budget allows, then tested (unfinished too);
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
 #      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's and gan_flow's
 #      training steps/s), and adv3dae's 6 vs 10 layers at test batch 1;
-#   4. with time left: adv3dae --no-gan at the paper protocol (Table V ablation).
-# Every training step resumes its checkpoint, so running the script again on the same machine continues
-# the paper-protocol training where the last call stopped. Each step has its own time limit and log; a step that fails does not stop the others. Everything is
-# summarised in $OUT/summary.txt, and $OUT/results.tgz holds every log, metrics.json and the frame scores
-# of every run (scores.npz without its maps), small enough to bring back from a GPU machine; the
-# paper-protocol runs' full scores.npz are copied beside it when under 16 MB.
+#   4. with time left: adv3dae --no-gan (Table V), then stan, gan_flow and gmfc_vae at the paper protocol.
+# Run it again on the same machine (calls back to back, while it stays warm) to go on: finished steps are
+# skipped and every paper-protocol training resumes from its checkpoint. Each step has its own time limit
+# and log (logs/callN/ per call); a step that fails does not stop the others. Each call leaves
+# $OUT/summary.txt and $OUT/results.tgz (every log, metrics.json and the frame scores of every run, i.e.
+# scores.npz without its maps, small enough to bring back from a GPU machine); the paper-protocol runs'
+# full scores.npz are copied beside it when under 16 MB.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -34,11 +35,13 @@ BUDGET=${1:?usage: bash .ci/gpu_ped2.sh BUDGET_S}
 DATASET=${DATASET:-ped2}
 DATA_ROOT=${DATA_ROOT:-/root/data}
 RUNS=${RUNS:-/root/runs}
-OUT=${OUT:-$RUNS/out}
+OUT=${OUT:-${RUNS}_out}
 export VAD_CACHE_DIR=${VAD_CACHE_DIR:-/root/cache}
 export PYTHONUNBUFFERED=1
-LOGS=$RUNS/logs
-mkdir -p "$RUNS" "$LOGS" "$OUT"
+DONE=$RUNS/done                     # a marker per finished step, so a later call skips it
+mkdir -p "$RUNS/logs" "$DONE" "$OUT"
+CALL=$(( $(ls "$RUNS/logs" | wc -l) + 1 ))
+LOGS=$RUNS/logs/call$CALL          # one folder of logs per call
 SUMMARY=$OUT/summary.txt
 D="--dataset $DATASET --data-root $DATA_ROOT"
 T0=$(date +%s)
@@ -76,14 +79,18 @@ train() {
     step "$name" $((seconds + 60)) "$@" --max-minutes "$(python3 -c "print(round($seconds / 60, 2))")"
 }
 
-say "budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS"
+mkdir -p "$LOGS"
+say "call $CALL: budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS"
 step env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, cv2, sklearn; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\", \"opencv\", cv2.__version__)"'
 if [ "$DATASET" = ped2 ]; then
     step summary 60 python3 common.py $D --summary
 fi
 
 # 1. deep_anomaly, paper protocol, random backbone (no ImageNet file on a machine without internet)
-step deep_anomaly 240 python3 deep_anomaly.py $D --backbone-weights none --resume --out "$RUNS/deep_anomaly"
+if [ ! -f "$DONE/deep_anomaly" ]; then
+    step deep_anomaly 240 python3 deep_anomaly.py $D --backbone-weights none --resume --out "$RUNS/deep_anomaly" \
+        && touch "$DONE/deep_anomaly"
+fi
 
 # 2. flows for gan_flow (256x256) and gmfc_vae (420x280) on the CPU cores while adv3dae trains on the GPU
 FLOW_WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
@@ -103,39 +110,59 @@ for size in map(ast.literal_eval, sys.argv[4:]):
 EOF
 FLOWS_PID=$!
 
-# adv3dae, paper protocol: train for what leaves ~200 s for the rest, then test (also an unfinished model)
-train adv3dae_train 240 python3 adv3dae.py $D --train --resume --out "$RUNS/adv3dae"
-step adv3dae_test 120 python3 adv3dae.py $D --test --out "$RUNS/adv3dae"
+# paper_run NAME RESERVE_S SCRIPT ARGS...: train at the paper protocol (resumed) for what leaves RESERVE_S
+# seconds, then test; an unfinished model is tested too (except stan's, which has no lambda_s before the end
+# of training), and a run is done once its finished model is tested.
+paper_run() {
+    local name=$1 reserve=$2 script=$3; shift 3
+    if [ -f "$DONE/$name" ]; then return 0; fi
+    train "${name}_train" "$reserve" python3 "$script" $D --train --resume --out "$RUNS/$name" "$@" || return
+    local finished=1
+    if grep -a -q "stopped after" "$LOGS/${name}_train.log"; then finished=0; fi
+    if [ $finished = 0 ] && [ "$name" = stan ]; then return 1; fi
+    step "${name}_test" 180 python3 "$script" $D --test --out "$RUNS/$name" "$@" || return
+    if [ $finished = 1 ]; then touch "$DONE/$name"; else return 1; fi
+}
+
+# adv3dae, paper protocol; the first call leaves ~240 s for the throughput runs below
+[ -f "$DONE/throughput" ] && reserve=30 || reserve=240
+paper_run adv3dae "$reserve" adv3dae.py
 wait $FLOWS_PID
 say "flows: $(grep -a 'flows ' "$LOGS/flows.log" | tr '\n' ';')"
 
 # 3. test throughput on models stopped after a short slice (MINUTES of training, counted from the start of
 # the run): the AUCs of these runs say nothing about the methods. stan's and gan_flow's slices are long
 # enough for their paper-protocol training steps/s ("last bar"), which sizes their full schedules.
-one_step() {
+short_run() {
     local name=$1 script=$2 minutes=$3; shift 3
+    if [ -f "$DONE/${name}_short" ]; then return 0; fi
     step "${name}_short_train" 120 python3 "$script" $D --train --resume --max-minutes "$minutes" \
         --out "$RUNS/${name}_short" "$@" \
-        && step "${name}_short_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_short" "$@"
+        && step "${name}_short_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_short" "$@" \
+        && touch "$DONE/${name}_short"
 }
-one_step stan stan.py 0.4 --lambda-s 1
-one_step gan_flow gan_flow.py 0.4 --backbone-weights none
-one_step gmfc_vae gmfc_vae.py 0.001
-one_step adv3dae_l6 adv3dae.py 0.001 --layers 6
-# launch-bound comparison of 6 vs 10 layers (Table VII's ratio): test batch 1, on copies of the models
-for run_layers in "adv3dae_l6_short 6" "adv3dae 10"; do
-    set -- $run_layers
-    if [ -f "$RUNS/$1/model.pt" ]; then
-        mkdir -p "$RUNS/adv3dae_b1_l$2" && cp "$RUNS/$1/model.pt" "$RUNS/adv3dae_b1_l$2/"
-        step "adv3dae_b1_l$2" 90 python3 adv3dae.py $D --test --test-batch-size 1 --out "$RUNS/adv3dae_b1_l$2"
-    fi
-done
-
-# 4. with time left: the adversarial term's ablation at the paper protocol
-if [ "$(left)" -gt 240 ]; then
-    train adv3dae_nogan_train 60 python3 adv3dae.py $D --train --resume --no-gan --out "$RUNS/adv3dae_nogan"
-    step adv3dae_nogan_test 60 python3 adv3dae.py $D --test --out "$RUNS/adv3dae_nogan"
+if [ ! -f "$DONE/throughput" ]; then
+    short_run stan stan.py 0.4 --lambda-s 1
+    short_run gan_flow gan_flow.py 0.4 --backbone-weights none
+    short_run gmfc_vae gmfc_vae.py 0.001
+    short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
+    # launch-bound comparison of 6 vs 10 layers (Table VII's ratio): test batch 1, on copies of the models
+    for run_layers in "adv3dae_l6_short 6" "adv3dae 10"; do
+        set -- $run_layers
+        if [ -f "$RUNS/$1/model.pt" ]; then
+            mkdir -p "$RUNS/adv3dae_b1_l$2" && cp "$RUNS/$1/model.pt" "$RUNS/adv3dae_b1_l$2/"
+            step "adv3dae_b1_l$2" 90 python3 adv3dae.py $D --test --test-batch-size 1 --out "$RUNS/adv3dae_b1_l$2"
+        fi
+    done
+    if [ -f "$DONE/stan_short" ] && [ -f "$DONE/gan_flow_short" ] && [ -f "$DONE/gmfc_vae_short" ] \
+        && [ -f "$DONE/adv3dae_l6_short" ]; then touch "$DONE/throughput"; fi
 fi
+
+# 4. with time left, and in later calls: the other paper protocols, each continued where the last call stopped
+paper_run adv3dae_nogan 30 adv3dae.py --no-gan \
+    && paper_run stan 30 stan.py \
+    && paper_run gan_flow 30 gan_flow.py --backbone-weights none \
+    && paper_run gmfc_vae 30 gmfc_vae.py
 
 # results: every log and metrics.json, and each run's frame scores (maps dropped, to stay small)
 python3 - "$RUNS" "$OUT" <<'EOF'
@@ -143,11 +170,13 @@ import glob, os, sys
 import numpy as np
 runs, out = sys.argv[1], sys.argv[2]
 for path in glob.glob(os.path.join(runs, "*", "scores*.npz")):
+    if path.endswith("_frames.npz"):
+        continue
     with np.load(path, allow_pickle=False) as z:
         kept = {k: z[k] for k in z.files if not k.startswith("map/")}
     np.savez(path[:-4] + "_frames.npz", **kept)
 EOF
-for run in deep_anomaly adv3dae adv3dae_nogan; do         # the paper-protocol runs' scores, maps included
+for run in deep_anomaly adv3dae adv3dae_nogan stan gan_flow gmfc_vae; do     # full scores.npz, maps too
     f=$RUNS/$run/scores.npz
     if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp "$f" "$OUT/scores_$run.npz"; fi
 done
