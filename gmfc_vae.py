@@ -168,11 +168,11 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   correlation between the two 0.83), and a frame score from the standard deviation of the moving cells (64.2%)
   beats the energy's (56.5%), while the same AE's reconstruction error reaches 73.1%. With the paper's lr 1e-4
   for the pre-training: energy patch AUC 68.8%, Spearman 0.80, energy frame AUC 53.7%, reconstruction error
-  63.4%. The energy left after regressing out contrast (a
-  quadratic in log(1 + std) fitted on training cells) has patch AUC 59.2%; standardising each grid position's
-  energy by its mean and deviation over training frames lifts the frame AUC to 62.8% (moving cells): real but
-  modest. At this budget the mixture prior mostly scores how textured a patch is, not what it shows. The
-  formulas are not the cause: the tests check eq. 17 against scipy and eq. 14 against numpy.
+  63.4%. The energy left after regressing out contrast (a quadratic in log(1 + std) fitted on training cells)
+  has patch AUC 59.2%; standardising each grid position's energy by its mean and deviation over training frames
+  lifts the frame AUC to 62.8% (moving cells): real but modest. At this budget the mixture prior mostly scores
+  how textured a patch is, not what it shows. The formulas are not the cause: the tests check eq. 17 against
+  scipy and eq. 14 against numpy.
 - More budget of the same kind does not lift it: the appearance stream alone (`--streams rgb`) on 200,000
   patches with 4 + 4 epochs (10x the reduced run's patch-epochs, 1,378 s) scores frame AUC 49.4% (macro
   40.4%), and 49.4% (macro 56.8%) with static test cells skipped; the reduced run's was 42.9%.
