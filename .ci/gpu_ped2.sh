@@ -145,28 +145,24 @@ fi
 FLOW_WORKERS=$(( $(nproc) > 4 ? $(nproc) - 2 : 1 ))
 [ "$DATASET" = synthetic ] && FLOW_SIZES="(64,64) (112,168)" || FLOW_SIZES="(256,256) (280,420)"
 [ "$PHASE" = train ] && FLOW_SPLITS=train || FLOW_SPLITS="train test"
+# (load_split_flows prints the frames/s of what it computes; cached flows are only read)
 python3 - "$DATASET" "$DATA_ROOT" "$FLOW_WORKERS" "$FLOW_SPLITS" $FLOW_SIZES >"$LOGS/flows.log" 2>&1 <<'EOF' &
-import ast, sys, time
+import ast, sys
 import common
 name, root, workers, splits = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split()
 ds = common.load_dataset(name, root)
 for size in map(ast.literal_eval, sys.argv[5:]):
     for split in splits:
-        t0 = time.time()
-        flows = common.load_split_flows(ds, split, size, method="farneback", workers=workers)
-        num = sum(len(f) for f in flows.values())
-        print(f"flows {split} {size[1]}x{size[0]}: {num} flows in {time.time() - t0:.1f}s = "
-              f"{num / (time.time() - t0):.1f} frames/s ({workers} processes)")
+        common.load_split_flows(ds, split, size, method="farneback", workers=workers)
 EOF
 FLOWS_PID=$!
 
 # adv3dae, paper protocol; until the throughput runs are done, leave ~240 s for them
-[ -f "$DONE/throughput" ] && reserve=30 || reserve=240
-[ "$PHASE" = train ] && [ -f "$DONE/throughput_train" ] && reserve=30
-[ "$PHASE" = train ] && [ ! -f "$DONE/throughput_train" ] && reserve=120
+if [ "$PHASE" = train ]; then marker=throughput_train; reserve=120; else marker=throughput; reserve=240; fi
+if [ -f "$DONE/$marker" ]; then reserve=30; fi
 paper_run adv3dae "$reserve" adv3dae.py
 wait $FLOWS_PID
-say "flows: $(grep -a 'flows ' "$LOGS/flows.log" | tr '\n' ';')"
+say "flows ($FLOW_WORKERS processes): $(tr '\r' '\n' <"$LOGS/flows.log" | grep -a '^optical flow' | tr '\n' ';')"
 
 # 3. test throughput on models stopped after a short slice: the AUCs of these runs say nothing about the
 # methods. stan's and gan_flow's slices are long enough for their paper-protocol training steps/s ("last
