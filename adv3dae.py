@@ -25,9 +25,13 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   the paper says only "we normalize the images", and [0, 1] is Hasan et al.'s scale. The noise sigma
   (0.005) and the size of the reconstruction errors are relative to this scale.
 - Channel widths (not in the text): encoder convs 32, 64, 128, 128, 128 (`--channels`), decoder mirrored
-  (128, 128, 64, 32 -> 1). This is C3D's 64/128/256 halved, chosen so that one 224x224 frame costs ~4.7
-  GFLOP and the test-time target (4,700 frames/s on an H200) is reachable. `--layers 6` keeps the first three
-  widths (32, 64, 128) and the first two pools.
+  (128, 128, 64, 32 -> 1): C3D's 64/128/256 halved for conv1-conv3 and a quarter of its 512 for conv4 and
+  conv5, chosen so that one 224x224 frame costs ~4.7 GFLOP and the test-time target (4,700 frames/s on an
+  H200) is reachable. `--layers 6` keeps the first three widths (32, 64, 128) and the first two pools, so
+  its code (128 x 8 x 56 x 56 for a 16 x 224 x 224 clip) has 4x as many values as the input, against 1/16
+  for the 10-layer net's: it has no bottleneck. Keeping pool3 as well (128 x 4 x 28 x 28, half the input)
+  would be the other reading of "the last two layers of the encoder ... are removed"; we drop it with conv4
+  so that the variant is the 10-layer net truncated, and its FLOPs are unchanged either way.
 - Layout of the 10-layer net: conv1 pool1(1x2x2) conv2 pool2 conv3 pool3 conv4 pool4 conv5 | deconv5 unpool4
   deconv4 unpool3 deconv3 unpool2 deconv2 unpool1 deconv1(linear). The 6-layer net drops conv4, conv5 and
   their pools / deconvolutions ("the last two layers of the encoder and the corresponding decoder layers").
@@ -53,7 +57,10 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   64.3 on the raw e_t: eq. 14, offline because it uses each video's own minimum and maximum, is worth 20
   points to that trivial score. At the same reduced settings 1, 3, 6 and 12 epochs gave 78.9, 76.1, 73.1
   and 75.6 after eq. 14 (76.7 on the raw e_t after 12), while L_rec fell from 118 to 38. A trained model
-  has to clear this baseline, not only chance.
+  has to clear this baseline, not only chance. Two test-time effects on the 1-epoch model (78.9) are small:
+  the first and last frame of each 16-frame clip reconstruct worse (normal test frames: 1.15 and 1.13
+  times their video's median e_t, against 0.91-1.06 inside the clip), a saw-tooth that `--test-stride 8`
+  averages out (80.2); recomputing BatchNorm's running statistics over all training clips gives 80.1.
 - Discriminator: conv 3x3x3 (1->32), max-pool 2x4x4, conv (32->64), max-pool 2x4x4, conv (64->64), max-pool
   2x4x4, FC (-> 256), FC (-> 1); LeakyReLU(0.2) (the paper names no activation for D); it returns a logit and
   D = sigmoid(logit). The 2x4x4 pools keep the first FC small at 224x224 (64 x 2 x 4 x 4 = 2048 inputs;
@@ -75,7 +82,9 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   auto-encoder after one epoch. Continued at the same settings, the share was 5-59% at the end of every
   later epoch up to 12, with D still winning (L_D mostly 0.01-0.03 from epoch 5), so the term does steer
   a longer run; the paper's GAN-versus-no-GAN gap (Table V, Ped2: 91.0 against 90.3) is worth checking
-  against that share at the paper's budget.
+  against that share at the paper's budget. The share shrinks with the input size, because L_rec sums over
+  every pixel of the clip while L_adv is one number per clip: so expect the 224x224 run's share to start far
+  below the reduced run's.
 - Training clips (Hasan et al. [12] augmentation): from every training video, `--clip-len` (16) frame clips
   taking every k-th frame for skip strides k = 1, 2, 3 (`--skip-strides`), starting at every `--train-step`-th
   frame (default 1, i.e. every clip). Epochs (20) and batch size (16) are not in the paper.
@@ -99,7 +108,9 @@ Implementation choices the paper leaves open (not deviations, but stated so they
 - Events (Table X): the paper sets "the appropriate threshold of the anomaly scores" and groups overlapping
   local-maximum regions [12] without giving the threshold or the region width. eval.py's rule is ours: peaks
   of s_t whose persistence is at least 10% of the video's own score range, greedy merging within 50 frames,
-  a detection counted when its peak frame lies in a ground-truth event. Being relative to each video, it
+  a detection counted when its peak frame lies in a ground-truth event (Hasan et al. span each peak with a
+  window and count a region that overlaps an event, so a peak just outside an event that is a false alarm
+  here can be a detection in Table X). Being relative to each video, it
   gives every non-constant fully normal video at least one false alarm; compare Table X's counts with that
   in mind.
 - `--flow` noise: the same sigma (0.005) is added to the flow stream, whose input is divided by the training
@@ -802,6 +813,9 @@ def fill_defaults(args) -> None:
                         ("--map-pool", args.map_pool), ("--skip-strides", min(args.skip_strides))):
         if value < 1:
             raise common.DataError(f"{flag} {value}: expected a positive integer")
+    if args.test_stride > args.clip_len:
+        raise common.DataError(f"--test-stride {args.test_stride}: at most --clip-len {args.clip_len}, or frames "
+                               f"between clips would have no reconstruction")
 
 
 def protocol_label(args, stream_names: list, normalize: str, smooth: str) -> str:

@@ -1537,6 +1537,20 @@ def resume_checkpoint(path: str, resume: bool, map_location="cpu", method: str |
     return load_checkpoint(path, map_location=map_location, method=method)
 
 
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """optimizer.load_state_dict(saved), keeping this optimizer's device-dependent kernel choices.
+
+    A state dict carries the "fused" / "foreach" / "capturable" flags of the machine that wrote it, and
+    load_state_dict would take them (a CPU-started run resumed on CUDA would lose fused Adam). They are set
+    to this optimizer's before loading, because the flags also decide where each step counter is put."""
+    saved = {**saved, "param_groups": [dict(group) for group in saved["param_groups"]]}
+    for group, current in zip(saved["param_groups"], optimizer.param_groups):
+        for key in ("fused", "foreach", "capturable"):
+            if key in current:
+                group[key] = current[key]
+    optimizer.load_state_dict(saved)
+
+
 def get_rng_state(generators: dict | None = None) -> dict:
     """Every random state a training run draws from, in types torch.load(weights_only=True) accepts:
     torch (CPU and every CUDA device), numpy's and Python's global generators, and the named
@@ -1633,17 +1647,28 @@ class LossMonitor:
         return means
 
 
+def host_tensor(array, pin: bool = False):
+    """A host array (a read-only memmap too) as a CPU tensor in one copy at most: pinned (page-locked) when
+    `pin`, for an asynchronous copy to the GPU. A writeable contiguous array that is not pinned is shared."""
+    import torch
+    if isinstance(array, torch.Tensor):
+        return array.pin_memory() if pin else array
+    if not pin and array.flags.writeable and array.flags.c_contiguous:
+        return torch.from_numpy(array)
+    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
+    tensor = torch.empty(array.shape, dtype=dtype, pin_memory=pin)
+    np.copyto(tensor.numpy(), array)              # straight from the memmap: no intermediate copy
+    return tensor
+
+
 def to_device(array, device, dtype=None):
     """One host array/tensor on `device`; on CUDA through pinned memory with non_blocking=True."""
     import torch
-    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array) if array.flags.writeable
-                                                                         else np.array(array))
-    if dtype is not None and not t.is_floating_point() and dtype.is_floating_point and torch.device(device).type == "cpu":
+    cuda = torch.device(device).type == "cuda"
+    t = host_tensor(array, pin=cuda)
+    if dtype is not None and not t.is_floating_point() and dtype.is_floating_point and not cuda:
         return t.to(dtype)
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    else:
-        t = t.to(device)
+    t = t.to(device, non_blocking=True) if cuda else t.to(device)
     return t if dtype is None else t.to(dtype)
 
 

@@ -36,9 +36,10 @@ What the method does:
     swept. The zeta rule at scale lambda marks a pixel when at least zeta + 1 covering receptive fields have
     s >= lambda, i.e. when the (zeta + 1)-th largest s among them is >= lambda: that order statistic is the
     continuous pixel map written to scores.npz, and the frame score is its maximum (the frame-level rule "one
-    abnormal pixel makes an abnormal frame"), taken in float32 before the map is stored as float16.
-    Thresholding map and frame score at 1 reproduces the paper's binary detector and localization exactly (up
-    to ties at the thresholds); the rate at 1 is reported as `operating_point`.
+    abnormal pixel makes an abnormal frame"), taken in float32 before the map is stored as float16 (a score
+    below 1 is stored below 1, not rounded up to it). Thresholding map and frame score at 1 reproduces the
+    paper's binary detector and localization exactly (up to ties at the thresholds); the rate at 1 is
+    reported as `operating_point`.
 
     Map grid: the covering set of receptive fields is constant on runs of pixels (for C2, jump 8 and
     receptive field 51 = 6 x 8 + 3: alternating 5- and 3-pixel runs). The map is sampled on the coarsest
@@ -122,7 +123,8 @@ Deviations from the paper:
        thresholds without saying how. The cascade itself (CT and G2 decide the suspicious regions) is the
        paper's.
     5. The auto-encoder trains on a random subset of the normal training regions (--ae-samples, 200,000 of
-       Ped2's ~2.8 million) to bound memory; G1 and G2 are fitted on all training regions.
+       Ped2's ~2.8 million), which bounds its training time on a CPU (all of them, 2.1 GB of C2 features, would
+       fit on a GPU: raise --ae-samples there); G1 and G2 are fitted on all training regions.
     6. Frames are resized to the paper's 320 x 240 (width x height; the paper quotes this size for Ped2, whose
        native size is 360 x 240) with cv2.INTER_AREA; the maps are upsampled back to the masks by eval.py.
 
@@ -143,6 +145,7 @@ Usage:
     python deep_anomaly.py --dataset ped2 --test --no-cascade --single-classifier g1   # Table 3, "C2 output"
 """
 
+import argparse
 import math
 import os
 import sys
@@ -172,6 +175,7 @@ LAYER_CHANNELS = {1: 64, 2: 192, 3: 384}
 DT_LAGS = (4, 2, 0)
 FRAMES_BEFORE = max(DT_LAGS) + 1          # D_t needs frames t-5 .. t
 # written into model.pt; a checkpoint of another layout (e.g. the older D_t of three consecutive I') is refused
+FLOAT16_BELOW_ONE = 1 - 2 ** -11          # the largest float16 below 1
 CHECKPOINT_FORMAT = "deep_anomaly/2: D_t = <I'_t-4, I'_t-2, I'_t>"
 
 
@@ -247,6 +251,9 @@ class GaussianClassifier(nn.Module):
             if int(info) == 0:
                 break
             ridge *= 10
+        else:
+            raise common.DataError(f"the covariance of {d}-d features is not positive definite even with a ridge of "
+                                   f"{ridge:g} (constant features? raise --cov-eps)")
         whiten = torch.linalg.solve_triangular(chol, eye, upper=False)
         self.mean.copy_(mean.float())
         self.whiten.copy_(whiten.float())
@@ -829,7 +836,9 @@ def score_split(model, localizer, videos: dict, args, plan: BatchPlan | None = N
     with torch.inference_mode():
         for frames, pos, first, n in stream_batches(plan, arrays, device):
             m = score_batch(model, localizer, frames, pos, args)[:n]
-            maps[first:first + n] = m.to(torch.float16)
+            # float16 rounds scores in [1 - 2^-12, 1) up to 1; keep them below it, so that the stored map
+            # and the float32 frame score agree on which pixels are abnormal at the paper's thresholds
+            maps[first:first + n] = torch.where(m < 1, m.clamp(max=FLOAT16_BELOW_ONE), m).to(torch.float16)
             scores[first:first + n] = m.amax(dim=(1, 2))
             bar.update(n)
     bar.close()
@@ -964,6 +973,13 @@ TRAINING_KEYS = ("layer", "hidden", "image_size", "epochs", "batch_size", "lr", 
 RESUME_KEYS = tuple(k for k in TRAINING_KEYS if k != "epochs")       # a resumed run may train longer
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser():
     parser = common.build_parser("deep_anomaly", __doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, choices=(1, 2, 3), default=2,
@@ -986,7 +1002,8 @@ def build_parser():
     parser.add_argument("--beta-pct", type=float, default=90.0, help="beta = this percentile of training d1")
     parser.add_argument("--phi-pct", type=float, default=99.9, help="phi = this percentile of training d2")
     parser.add_argument("--zeta", type=int, default=3, help="a pixel is abnormal when MORE than zeta abnormal receptive fields cover it")
-    parser.add_argument("--cov-eps", type=float, default=1e-3, help="covariance ridge, in units of trace/d")
+    parser.add_argument("--cov-eps", type=positive_float, default=1e-3,
+                        help="covariance ridge, in units of trace/d (> 0)")
     parser.add_argument("--rho", type=float, default=0.05, help="sparse AE target activation")
     parser.add_argument("--sparsity-weight", type=float, default=3.0, help="weight of the KL sparsity term")
     parser.add_argument("--weight-decay", type=float, default=3e-3, help="sparse AE weight decay lambda (J has lambda/2 ||W||^2)")

@@ -33,7 +33,10 @@ Choices the paper leaves open (documented, not deviations)
 - Dynamic-flow window (Sec. III-A: "we compute the dynamic flow F_i from the sequence f_i .. f_{i+t}", giving
   the dynamic flows F_1 .. F_{n-t} of n flows): the dynamic flow of frame i pools the t + 1 flows f_i..f_{i+t}
   (flow f_i goes from frame i to i+1, so frames i..i+t+1 are covered; t = 20: 21 flows). This forward window
-  describes what happens AFTER frame i. `--flow-window centred` pools f_{i-t/2}..f_{i+t/2} instead (t + 1
+  describes what happens AFTER frame i. That F_i scores frame i is our reading (the paper does not say
+  which frame a dynamic flow belongs to); on Ped2 it matters: 151 of the 362 normal test frames have an
+  abnormal frame inside their forward window (101 with the centred one), most of them in the run-up to
+  an anomaly that starts mid-video. `--flow-window centred` pools f_{i-t/2}..f_{i+t/2} instead (t + 1
   flows around frame i), our option, not the paper's. Frames whose window would leave the video (the last
   t + 1 frames with the forward window, since n flows give n - t full windows for n + 1 frames; t/2 at each
   end with the centred one) reuse the nearest full window (the start is clamped into [0, n_flows - t - 1]) so that every frame and its map are scored; videos with at most
@@ -58,7 +61,10 @@ Choices the paper leaves open (documented, not deviations)
 - Output non-linearity of D11: sigmoid (targets are in [0, 1]); F5/F6 are linear; ReLU after every other
   conv/deconv, C4 included ("each convolutional layer is followed by a ReLU").
 - Reconstruction term of eq. 14: sum over pixels of the squared error, L = 1 Monte-Carlo sample (VaDE's
-  default); gamma_c = q(c|x) = p(c|z) of eq. 15 at the sampled z (as VaDE does, gradients pass through it).
+  default). Eq. 8 lets the decoder output a variance sigma_x^2 as well (eq. 12: N(x | mu_x, sigma_x^2 I)),
+  but Table I's D11 outputs the 3x28x28 mean only, so sigma_x^2 is fixed (at 1/2, which makes the negative
+  log-likelihood the plain sum of squares; gray frames repeated on three channels count each pixel three
+  times); gamma_c = q(c|x) = p(c|z) of eq. 15 at the sampled z (as VaDE does, gradients pass through it).
 - Mixture weights stay on the simplex through a softmax parametrisation (pi = softmax(pi_logits));
   variances through log-variances.
 - Weight decay 5e-4 (L2, torch Adam) applies to the network weights only, not to the mixture parameters
@@ -125,7 +131,8 @@ Deviations
   40,000 of the 960K training patches per stream, 2 AE epochs at lr 1e-3 + 2 VaDE epochs at 1e-4 (437 s of
   training on idle cores with an earlier version of this script; 1,270 s for the run below, with the cores
   shared). Frame AUC 77.6% micro / 80.0% macro, EER 30.4%, pixel AUC 39.9% / EER 55.5%;
-  motion stream alone 80.9%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2).
+  motion stream alone 80.9%, appearance stream alone 42.9% (paper: 92.2 / 12.6, pixel 78.2 / 19.2, Table
+  III; its Table V gives Ped2 frame AUC 91.7% at K = 20, our default, and 92.2% at K = 30 and 40).
 
 Why the appearance stream fails on Ped2 at that budget (measured on every 3rd test frame; "patch AUC" ranks
 the test cells more than 25% covered by the anomaly mask against the cells outside every mask)
@@ -160,8 +167,8 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   (macro 37.6%) against 42.8%: not the cause either.
 - Why the refit helps (reasoning, not a measurement): Adam moves each parameter by about lr per step, so in
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
-  and stays close to its initial fit while the encoder's latents move; the paper's budget (96,000 VaDE
-  steps per stream) removes that limit. It does not explain the weak energy right after initialisation.
+  and stays close to its initial fit while the encoder's latents move; our default schedule on the paper's
+  960K patches (96,000 VaDE steps per stream; the paper gives no epoch count) removes that limit. It does not explain the weak energy right after initialisation.
 - The energy measures contrast. Right after the reduced protocol's AE pre-training (2 epochs, lr 1e-3) and the
   GMM initialisation, on the moving cells of every 3rd test frame, the energy ranks anomalous against normal
   patches no better than the patch's pixel standard deviation alone (patch AUC 67.4% against 67.8%; Spearman
@@ -176,7 +183,7 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
 - More budget of the same kind does not lift it: the appearance stream alone (`--streams rgb`) on 200,000
   patches with 4 + 4 epochs (10x the reduced run's patch-epochs, 1,378 s) scores frame AUC 49.4% (macro
   40.4%), and 49.4% (macro 56.8%) with static test cells skipped; the reduced run's was 42.9%.
-- Not testable on a CPU: the paper's training budget (24x the reduced run's patches, 5x its epochs; 12x the
+- Not testable on a CPU: the paper's 960K patches with our default epochs (24x the reduced run's patches, 5x its epochs; 12x the
   larger run's patch-epochs).
 
 Training in slices
@@ -651,7 +658,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
         run["flow_scale"] = estimate_flow_scale(flows, args)
         print(f"dynamic-flow normalisation scale s = {run['flow_scale']:.1f} (99.9th percentile of |D|)")
     positions = training_positions(ds, frames, flows, streams, args)
-    # fused Adam on CUDA: the paper's schedule is 384,000 small steps (9,600 an epoch, 20 epochs, two streams),
+    # fused Adam on CUDA: the default schedule is 384,000 small steps (9,600 an epoch, 20 epochs, two streams),
     # so per-tensor optimizer kernels would be a large share of each step (the CPU keeps the default)
     fused = device.type == "cuda"
 
@@ -666,7 +673,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                                    f"(lower --motion-threshold / --min-moving-pixels?)")
         print(f"[{stream}] {len(patches)} patches {tuple(patches.shape[1:])} uint8 on {patches.device} "
               f"in {time.time() - t0:.1f}s")
-        restore = lambda opt, phase: (opt.load_state_dict(saved_optimizer["state"])
+        restore = lambda opt, phase: (common.load_optimizer_state(opt, saved_optimizer["state"])
                                       if saved_optimizer and saved_optimizer.get("stream") == stream
                                       and saved_optimizer.get("phase") == phase else None)
 

@@ -75,6 +75,9 @@ Deviations (from the paper, with reasons)
       by the final model at the end of training and stored in model.pt (the paper does not name the
       split; nothing may be fitted on test data). `--lambda-s-split test` takes them over the test split
       instead (uses no labels, but is recorded as such in the protocol); `--lambda-s VALUE` fixes it.
+      Taken on the windows G and D were trained on, both maxima are lower than on unseen normal data,
+      -log D(S)'s the most when D wins (D was trained to make it small on exactly these windows): lambda_s
+      then comes out larger than on held-out data and the gd detector leans towards d.
     - The anomaly map stored in scores.npz is the pixel-loss map average-pooled by `--map-pool` (default
       4, i.e. 56x56 for 224 input) to keep scores.npz small; eval.py upsamples it. The first and last 5
       frames of each video have no full window: their frame scores are NaN (eval.py fills them from the
@@ -82,8 +85,11 @@ Deviations (from the paper, with reasons)
     - Panels: the `--num-panels` frames with the highest raw abnormality loss of the chosen detector
       (at most one per video, chosen without labels). The discriminator map is |guided-backprop gradient|
       of D's summed output activation taken before the sigmoid (a confident D saturates the sigmoid,
-      which would zero every gradient) with respect to the middle frame of the input sequence. Through
-      ELU, guided backprop passes only positive gradients, multiplied by ELU's own derivative.
+      which would zero every gradient) with respect to the middle frame of the input sequence: the
+      paper's "gradients of activation at the output of the discriminator", i.e. of D's evidence for
+      "real". Through ELU, guided backprop passes only positive gradients, multiplied by ELU's own
+      derivative, so the sign it starts from matters: the map of the abnormality term -log D(S) would be
+      another map, not the negated one.
     - Synthetic data (`--dataset synthetic`, a CPU demo, not a paper setting): 64x64 input (so the
       encoder's latent is 8x8 and D's map 2x2 instead of 28x28 and 7x7), 3 pre-training + 1 adversarial
       epochs of 40 steps each, batch 3. The architecture is unchanged.
@@ -116,7 +122,9 @@ Deviations (from the paper, with reasons)
       in G's loss set to 0 and nothing else changed, D separates within 50 steps (D(real) / D(fake)
       0.947 / 0.055, then 1.000 / 0.000 from step 100). One G step on the realism term alone moves every
       G tensor and lifts D(fake) (0.42 -> 0.57 against a D trained for 20 steps), so its gradient
-      reaches G; against a fresh D it is small next to the pixel term's (norm 0.11 against 168).
+      reaches G; against a fresh D it is small next to the pixel term's (norm 0.11 against 168), but Adam
+      scales each coordinate by its own gradient history, so a small gradient that keeps its sign moves G
+      as far per step as a large one: the norm ratio does not bound what the realism term does.
 
 Test path (the scores are those of the per-window computation above, to float rounding)
     Three exact rewrites avoid recomputing what neighbouring windows share; tests check each against the
@@ -531,8 +539,8 @@ def train(args, ds, generator, discriminator, argv):
     if state is not None:
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        common.load_optimizer_state(opt_g, state["opt_g"])
+        common.load_optimizer_state(opt_d, state["opt_d"])
         epoch, step = int(state["epoch"]), int(state.get("step", 0))
         history = list(state.get("history", []))
         previous_time_s = float(state.get("train_time_s") or 0.0)

@@ -17,6 +17,8 @@
 #          && tar xzf carry/ped2/test.tgz -C /root/data && bash .ci/gpu_ped2.sh 360
 # These budgets fit 15 minutes of device time with the machine's start and the transfers (give each call
 # a timeout ~40 s above its budget); with more time, raise them or make more calls of the second kind.
+# When the machine's start took longer, give call 2 the device time left (the device tool's status)
+# minus ~60 s instead of 360: the tool stops a call at the time left, and a stopped call loses its last step.
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
 # default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train).
@@ -34,7 +36,8 @@
 # its checkpoint. Each step has its own time limit and log (logs/callN/ per call); a step that fails does
 # not stop the others. Each call leaves $OUT/summary.txt and $OUT/results.tgz (every log, metrics.json
 # and the frame scores of every run, i.e. scores.npz without its maps, small enough to bring back from a
-# GPU machine); the paper-protocol runs' full scores.npz are copied beside it when under 16 MB.
+# GPU machine), packed again after every step; the paper-protocol runs' full scores.npz are copied beside
+# it when under 16 MB.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -59,6 +62,31 @@ PACK_RESERVE=20                      # seconds kept for packing the results
 left() { echo $((BUDGET - $(date +%s) + T0 - PACK_RESERVE)); }
 say() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$SUMMARY"; }
 
+# pack: every log and metrics.json, and each run's frame scores (maps dropped, to stay small) into
+# $OUT/results.tgz, and the paper-protocol runs' full scores.npz beside it when under 16 MB. Called after
+# every step, so a call cut short by the device's own limit still brings back all but its last step.
+pack() {
+    python3 - "$RUNS" <<'EOF'
+import glob, os, sys
+import numpy as np
+for path in glob.glob(os.path.join(sys.argv[1], "*", "scores*.npz")):
+    frames = path[:-4] + "_frames.npz"
+    if path.endswith("_frames.npz") or (os.path.exists(frames) and os.path.getmtime(frames) >= os.path.getmtime(path)):
+        continue
+    with np.load(path, allow_pickle=False) as z:
+        kept = {k: z[k] for k in z.files if not k.startswith("map/")}
+    np.savez(frames + ".tmp.npz", **kept)
+    os.replace(frames + ".tmp.npz", frames)
+EOF
+    local run f
+    for run in deep_anomaly adv3dae adv3dae_nogan stan gan_flow gmfc_vae; do
+        f=$RUNS/$run/scores.npz
+        if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -u "$f" "$OUT/scores_$run.npz"; fi
+    done
+    (cd "$RUNS" && tar czf "$OUT/results.tgz.tmp" logs $(ls -d */metrics.json */*_frames.npz 2>/dev/null)) \
+        && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+}
+
 # step NAME LIMIT_S COMMAND...: runs COMMAND with its output in $LOGS/NAME.log, for at most LIMIT_S seconds
 # and never past the budget; skipped when under 15 s would be left.
 step() {
@@ -76,6 +104,7 @@ step() {
     # and the last progress bar's rate (tqdm's smoothed it/s: the training steps/s of a slice)
     tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "(it/s|s/it)\]$" | tail -n 1 | sed "s/^/    last bar: /" \
         | tee -a "$SUMMARY"
+    pack
     return $rc
 }
 
@@ -197,21 +226,5 @@ paper_run adv3dae_nogan 30 adv3dae.py --no-gan \
     && paper_run gan_flow 30 gan_flow.py --backbone-weights none \
     && paper_run gmfc_vae 30 gmfc_vae.py
 
-# results: every log and metrics.json, and each run's frame scores (maps dropped, to stay small)
-python3 - "$RUNS" "$OUT" <<'EOF'
-import glob, os, sys
-import numpy as np
-runs, out = sys.argv[1], sys.argv[2]
-for path in glob.glob(os.path.join(runs, "*", "scores*.npz")):
-    if path.endswith("_frames.npz"):
-        continue
-    with np.load(path, allow_pickle=False) as z:
-        kept = {k: z[k] for k in z.files if not k.startswith("map/")}
-    np.savez(path[:-4] + "_frames.npz", **kept)
-EOF
-for run in deep_anomaly adv3dae adv3dae_nogan stan gan_flow gmfc_vae; do     # full scores.npz, maps too
-    f=$RUNS/$run/scores.npz
-    if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp "$f" "$OUT/scores_$run.npz"; fi
-done
-(cd "$RUNS" && tar czf "$OUT/results.tgz" logs $(ls -d */metrics.json */*_frames.npz 2>/dev/null))
+pack
 say "done: $(du -h "$OUT/results.tgz" | cut -f1) in $OUT/results.tgz"

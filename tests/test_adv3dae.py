@@ -532,6 +532,9 @@ def test_bad_sizes_are_one_clear_error():
         parsed("--clip-len", "12")                                      # 10 layers: three temporal pools
     with pytest.raises(common.DataError, match="--channels"):
         parsed("--channels", "8", "8")
+    with pytest.raises(common.DataError, match="--test-stride 17"):
+        parsed("--test-stride", "17")                                   # frames between clips: no error to score
+    parsed("--test-stride", "16")
 
 
 # ----------------------------------------------------------------------------------------------- runs

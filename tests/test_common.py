@@ -784,6 +784,29 @@ def test_checkpoint_atomic_and_weights_only(tmp_path):
     assert_one_line(e.value, "pickled.pt")
 
 
+def test_load_optimizer_state_keeps_this_machines_kernel_choice():
+    # a checkpoint written without fused Adam (a CPU run) resumed where fused is chosen (CUDA), and back
+    def adam_after_one_step(fused):
+        param = torch.nn.Parameter(torch.arange(3.0))
+        optimizer = torch.optim.Adam([param], lr=0.1, fused=fused)
+        param.square().sum().backward()
+        optimizer.step()
+        return optimizer
+    saved = adam_after_one_step(None).state_dict()
+    for fused in (True, False):
+        target = adam_after_one_step(fused)
+        common.load_optimizer_state(target, saved)
+        assert target.param_groups[0]["fused"] is fused
+        assert saved["param_groups"][0]["fused"] is None               # the caller's dict is left as it was
+        state = next(iter(target.state.values()))
+        assert torch.equal(state["exp_avg"], saved["state"][0]["exp_avg"])
+        assert state["step"].item() == 1.0
+        assert state["step"].dtype == torch.float32 and state["step"].device == target.param_groups[0]["params"][0].device
+    plain = adam_after_one_step(True)
+    plain.load_state_dict(saved)                                         # what the helper is for
+    assert plain.param_groups[0]["fused"] is None
+
+
 def argparse_namespace():
     import argparse
     return argparse.Namespace(a=1)

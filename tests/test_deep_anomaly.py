@@ -487,6 +487,37 @@ def test_score_split_equals_per_frame_computation():
             assert (maps[name][:5] == maps[name][5]).all()
 
 
+def test_gaussian_fit_refuses_a_covariance_it_cannot_factor():
+    """A zero ridge on a singular covariance (a constant feature) used to leave NaN distances behind and fail
+    later with a confusing threshold error. Mutation caught: the loop's else branch removed."""
+    g = da.GaussianClassifier(3)
+    cov = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64))
+    with pytest.raises(common.DataError, match="not positive definite"):
+        g.fit(torch.zeros(3, dtype=torch.float64), cov, 0.0)
+    assert g.fit(torch.zeros(3, dtype=torch.float64), cov, 1e-3) > 0
+    assert torch.isfinite(g.distance(torch.ones(2, 3))).all()
+
+
+def test_stored_map_keeps_scores_below_one_below_one(monkeypatch):
+    """float16 rounds 1 - 1e-4 up to 1.0: the stored map would mark a pixel abnormal at the paper's thresholds
+    (map >= 1) that the float32 score calls normal. Mutation caught: the plain float16 cast."""
+    model = _fitted_model()
+    size = (64, 96)
+    loc = da.Localizer(model, size, torch.device("cpu"))
+    ny, nx = len(loc.rows_px), len(loc.cols_px)
+    values = torch.tensor([0.5, 1 - 1e-4, 1 - 3e-4, 1.0, 1.0 + 1e-4, 3.0])
+    monkeypatch.setattr(da, "score_batch", lambda model, localizer, frames, pos, args:
+                        values.repeat_interleave(ny * nx // len(values) + 1)[:ny * nx].reshape(1, ny, nx)
+                        .expand(len(pos), ny, nx))
+    args = da.resolve_defaults(common.parse_args(da.build_parser(), ["--device", "cpu"]))
+    video = np.zeros((7, *size), np.uint8)
+    scores, maps = da.score_split(model, loc, {"v": video}, args)
+    want = values.repeat_interleave(ny * nx // len(values) + 1)[:ny * nx].reshape(ny, nx).numpy()
+    stored = maps["v"][5].astype(np.float32)
+    assert ((stored >= 1) == (want >= 1)).all()
+    assert (np.float16(1 - 1e-4) == 1) and np.abs(stored - want).max() < 1e-3
+
+
 def test_batch_plan_crosses_videos_with_one_buffer_shape():
     """Mutation caught: batches restarted per video (short videos padded to a whole batch), a buffer length
     that varies between batches, segments missing their 5 context frames."""

@@ -202,6 +202,44 @@ def test_prefetch_to_device_yields_every_batch_in_order_on_cuda():
     _check_prefetch("cuda")
 
 
+def _check_to_device(device, tmp_path):
+    rng = np.random.default_rng(1)
+    videos = [rng.integers(0, 255, (n, 6, 5), dtype=np.uint8) for n in (3, 1, 4)]
+    np.save(tmp_path / "v.npy", videos[2])
+    videos[2] = np.load(tmp_path / "v.npy", mmap_mode="r")           # a read-only memmap, as the caches are
+    got, starts = common.concat_to_device(videos, device)
+    assert starts.tolist() == [0, 3, 4] and got.device.type == torch.device(device).type
+    np.testing.assert_array_equal(got.cpu().numpy(), np.concatenate(videos))
+    strided = np.asarray(videos[2])[:, ::2]                            # not contiguous
+    np.testing.assert_array_equal(common.to_device(strided, device).cpu().numpy(), strided)
+    as_float = common.to_device(videos[2], device, torch.float32)
+    assert as_float.dtype == torch.float32 and as_float.cpu().numpy().tolist() == np.asarray(videos[2]).tolist()
+
+
+def test_host_tensor_shares_or_copies_exactly(tmp_path):
+    """Catches: a writeable array copied when it could be shared, a read-only memmap or a non-contiguous
+    array taken as is (torch refuses or mis-strides them), values or dtype changed on the way, a pinned copy
+    asked for off CUDA, and concat_to_device / to_device losing rows."""
+    writeable = np.arange(12, dtype=np.float16).reshape(3, 4)
+    shared = common.host_tensor(writeable)
+    writeable[0, 0] = 7                                                 # no copy: the tensor sees the change
+    assert shared[0, 0].item() == 7 and shared.dtype == torch.float16
+    np.save(tmp_path / "m.npy", writeable)
+    memmap = np.load(tmp_path / "m.npy", mmap_mode="r")
+    copied = common.host_tensor(memmap)
+    assert torch.equal(copied, torch.from_numpy(writeable)) and not copied.is_pinned()
+    column = common.host_tensor(writeable[:, 1])
+    assert column.is_contiguous() and column.tolist() == writeable[:, 1].tolist()
+    _check_to_device("cpu", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_through_pinned_memory_on_cuda(tmp_path):
+    """Catches: a pinned copy that fails on a read-only memmap, or data lost in the asynchronous copy."""
+    assert common.host_tensor(np.zeros((2, 3), np.uint8), pin=True).is_pinned()
+    _check_to_device("cuda", tmp_path)
+
+
 def test_fits_on_device_compares_with_a_fraction_of_free_cuda_memory(monkeypatch):
     """Catches: the fraction ignored, total instead of free memory, or True off CUDA."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
