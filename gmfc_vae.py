@@ -168,7 +168,8 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
 - Why the refit helps (reasoning, not a measurement): Adam moves each parameter by about lr per step, so in
   the reduced run's 800 VaDE steps the mixture (mu_c, log sigma_c^2) can move by at most ~0.08 at lr 1e-4
   and stays close to its initial fit while the encoder's latents move; our default schedule on the paper's
-  960K patches (96,000 VaDE steps per stream; the paper gives no epoch count) removes that limit. It does not explain the weak energy right after initialisation.
+  960K patches (96,000 VaDE steps per stream; the paper gives no epoch count) removes that limit. It does
+  not explain the weak energy right after initialisation.
 - The energy measures contrast. Right after the reduced protocol's AE pre-training (2 epochs, lr 1e-3) and the
   GMM initialisation, on the moving cells of every 3rd test frame, the energy ranks anomalous against normal
   patches no better than the patch's pixel standard deviation alone (patch AUC 67.4% against 67.8%; Spearman
@@ -192,8 +193,8 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   ReLU, F5/F6 mapping 256 -> 64) gives 41.0%; one variance per component at scoring (the mean of log
   sigma_c^2 over the 64 dimensions, on the seed-0 ReLU model) 42.1%. With or without the ReLU the encoder
   mean spans about 11 directions (covariance eigenvalues above 1e-3 of the largest).
-- Not testable on a CPU: the paper's 960K patches with our default epochs (24x the reduced run's patches, 5x its epochs; 12x the
-  larger run's patch-epochs).
+- Not testable on a CPU: the paper's 960K patches with our default epochs (24x the reduced run's patches, 5x
+  its epochs; 12x the larger run's patch-epochs).
 
 Training in slices
 ------------------

@@ -506,13 +506,12 @@ def test_stored_map_keeps_scores_below_one_below_one(monkeypatch):
     loc = da.Localizer(model, size, torch.device("cpu"))
     ny, nx = len(loc.rows_px), len(loc.cols_px)
     values = torch.tensor([0.5, 1 - 1e-4, 1 - 3e-4, 1.0, 1.0 + 1e-4, 3.0])
-    monkeypatch.setattr(da, "score_batch", lambda model, localizer, frames, pos, args:
-                        values.repeat_interleave(ny * nx // len(values) + 1)[:ny * nx].reshape(1, ny, nx)
-                        .expand(len(pos), ny, nx))
+    grid = values.repeat_interleave(ny * nx // len(values) + 1)[:ny * nx].reshape(ny, nx)
+    monkeypatch.setattr(da, "score_batch", lambda model, localizer, frames, pos, args: grid.expand(len(pos), ny, nx))
     args = da.resolve_defaults(common.parse_args(da.build_parser(), ["--device", "cpu"]))
     video = np.zeros((7, *size), np.uint8)
     scores, maps = da.score_split(model, loc, {"v": video}, args)
-    want = values.repeat_interleave(ny * nx // len(values) + 1)[:ny * nx].reshape(ny, nx).numpy()
+    want = grid.numpy()
     stored = maps["v"][5].astype(np.float32)
     assert ((stored >= 1) == (want >= 1)).all()
     assert (np.float16(1 - 1e-4) == 1) and np.abs(stored - want).max() < 1e-3
