@@ -43,10 +43,12 @@ What the method does:
 
     Map grid: the covering set of receptive fields is constant on runs of pixels (for C2, jump 8 and
     receptive field 51 = 6 x 8 + 3: alternating 5- and 3-pixel runs). The map is sampled on the coarsest
-    regular grid (step <= jump / 2) that hits every run of the actual frame size, borders included (C2:
-    every 4 pixels from pixel 2, a 60 x 80 map for a 240 x 320 input; C3: every 8 pixels), so the stored map
-    holds every distinct value of the full-resolution map and its maximum equals the full-resolution maximum
-    (checked against brute force in the tests). So frame scores are exact; the pixel level is exact only on
+    regular grid step/2 + i * step (step <= jump / 2 and dividing the frame side) that hits every run of the
+    actual frame size, borders included (C1: every 2 pixels from pixel 1; C2: every 4 from pixel 2, a 60 x 80
+    map for a 240 x 320 input; C3 at 240 x 320: every 4 from pixel 2, since every 8 from pixel 4 misses a
+    run), so the stored map holds every distinct value of the full-resolution map and its maximum equals the
+    full-resolution maximum (checked against brute force in the tests), and cell i lies where eval.py's
+    bilinear upsampling centres it (within half a pixel: the map is not shifted). So frame scores are exact; the pixel level is exact only on
     that grid: eval.py upsamples every method's maps bilinearly to the mask size, which blurs the step
     edges of this one (a few pixels per run boundary), and the map is stored in float16.
 
@@ -522,16 +524,16 @@ def covering_runs(lo: np.ndarray, hi: np.ndarray, length: int) -> np.ndarray:
 
 
 def map_sample_positions(lo: np.ndarray, hi: np.ndarray, length: int, jump: int) -> np.ndarray:
-    """Pixel positions sampled by the stored map along one axis: the coarsest regular grid (step <= jump / 2,
-    offset nearest step / 2) that samples every distinct covering set at least once, so the map keeps every
-    distinct value of the full-resolution map."""
+    """Pixel positions sampled by the stored map along one axis: the coarsest regular grid step/2 + i * step
+    (step <= jump / 2, step dividing the length) that samples every distinct covering set at least once, so
+    the map keeps every distinct value of the full-resolution map. Cell i then sits where eval.py's bilinear
+    upsampling (pixel-centre convention, scale length / cells = step) puts it: no shift of the map."""
     runs = covering_runs(lo, hi, length)
     distinct = set(runs.tolist())
     for step in range(max(1, jump // 2), 0, -1):
-        for offset in sorted(range(step), key=lambda o: (abs(o - step // 2), o)):
-            positions = np.arange(offset, length, step)
-            if distinct <= set(runs[positions].tolist()):
-                return positions
+        positions = np.arange(step // 2, length, step)
+        if length % step == 0 and distinct <= set(runs[positions].tolist()):
+            return positions
     return np.arange(length)                                    # unreachable: step 1 samples every pixel
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -410,13 +411,23 @@ def test_map_grid_samples_every_distinct_covering_set(layer, size):
     """The stored map must hold every distinct value of the full-resolution zeta map (so the frame score, its
     maximum, is the full-resolution maximum): along each axis every distinct set of covering receptive
     fields, computed here by brute force from the unit intervals, is sampled. C2 keeps the 4-pixel grid.
-    Mutation caught: the fixed rule "every jump/2 pixels from jump/4", which misses C3's 3-pixel runs."""
+    The grid must also sit where eval.py's bilinear upsampling (cv2, pixel-centre convention) puts the map's
+    cells, or the localisation is shifted: upsampled to the frame, a map holding each cell's index must give
+    back at every sampled pixel its cell's index to within half a pixel's worth (an even step puts the cell
+    centre between two pixels).
+    Mutations caught: the fixed rule "every jump/2 pixels from jump/4", which misses C3's 3-pixel runs; the
+    earlier rule that took any offset (C3 at 240x320 sampled from pixel 6 every 8: shifted by 2 pixels)."""
     loc = da.Localizer(da.DeepAnomaly(layer, hidden=8), size, torch.device("cpu"))
     for length, (lo, hi), sampled in [(size[0], loc.row_intervals, loc.rows_px), (size[1], loc.col_intervals, loc.cols_px)]:
         sets = [tuple(np.flatnonzero((lo <= p) & (p <= hi))) for p in range(length)]
         assert set(sets) == {sets[p] for p in sampled}, (layer, size, length)
         steps = np.diff(sampled)
         assert (steps == steps[0]).all()                # a regular grid: eval upsamples it bilinearly
+        step = int(steps[0])
+        assert len(sampled) * step == length          # eval's scale (length / cells) is the sampling step
+        ramp = np.arange(len(sampled), dtype=np.float32)[:, None].repeat(2, 1)
+        at_pixels = cv2.resize(ramp, (2, length), interpolation=cv2.INTER_LINEAR)[sampled, 0]
+        assert np.abs(at_pixels - ramp[:, 0]).max() <= 0.5 / step + 1e-6, (layer, size, length, sampled[:2])
     if layer == 2:
         assert loc.rows_px[0] == 2 and loc.rows_px[1] - loc.rows_px[0] == 4
 
