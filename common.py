@@ -1655,10 +1655,15 @@ def host_tensor(array, pin: bool = False):
         return array.pin_memory() if pin else array
     if not pin and array.flags.writeable and array.flags.c_contiguous:
         return torch.from_numpy(array)
-    dtype = torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
-    tensor = torch.empty(array.shape, dtype=dtype, pin_memory=pin)
+    tensor = torch.empty(array.shape, dtype=torch_dtype(array.dtype), pin_memory=pin)
     np.copyto(tensor.numpy(), array)              # straight from the memmap: no intermediate copy
     return tensor
+
+
+def torch_dtype(numpy_dtype):
+    """The torch dtype of a numpy dtype (without wrapping an array: torch warns on read-only memmaps)."""
+    import torch
+    return torch.from_numpy(np.empty(0, dtype=numpy_dtype)).dtype
 
 
 def to_device(array, device, dtype=None):
@@ -1690,10 +1695,14 @@ def prefetch_to_device(batches, device, depth: int = 2):
         slot = i % depth
         if copied[slot] is not None:
             copied[slot].synchronize()             # that buffer's previous copy must be done before reuse
-        host = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
-        if pinned[slot] is None or pinned[slot].shape != host.shape or pinned[slot].dtype != host.dtype:
-            pinned[slot] = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        pinned[slot].copy_(host)
+        host = batch if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        dtype = host.dtype if isinstance(host, torch.Tensor) else torch_dtype(host.dtype)
+        if pinned[slot] is None or pinned[slot].shape != tuple(host.shape) or pinned[slot].dtype != dtype:
+            pinned[slot] = torch.empty(tuple(host.shape), dtype=dtype, pin_memory=True)
+        if isinstance(host, torch.Tensor):
+            pinned[slot].copy_(host)
+        else:
+            np.copyto(pinned[slot].numpy(), host)  # a read-only memmap too, without a torch view of it
         with torch.cuda.stream(copy_stream):
             on_device = pinned[slot].to(device, non_blocking=True)
             done = torch.cuda.Event()
@@ -1720,8 +1729,7 @@ def concat_to_device(videos, device):
     copied one video at a time (no whole-split copy on the host). Returns (tensor, first row of each video)."""
     import torch
     lengths = [len(v) for v in videos]
-    dtype = torch.from_numpy(np.asarray(videos[0][:1])).dtype
-    out = torch.empty((sum(lengths),) + tuple(videos[0].shape[1:]), dtype=dtype, device=device)
+    out = torch.empty((sum(lengths),) + tuple(videos[0].shape[1:]), dtype=torch_dtype(videos[0].dtype), device=device)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     for first, n, video in zip(starts, lengths, videos):
         out[first:first + n] = to_device(video, device)

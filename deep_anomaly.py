@@ -103,9 +103,10 @@ Implementation choices (documented, not in the paper):
       the first scored frame.
     - Time-boxed training (--max-minutes): the run stops at the next auto-encoder step (the two feature
       passes over the training split, G1 and G2, are not cut), writes model.pt with the optimiser, the
-      position in the epoch, the shuffling generator and the auto-encoder's training subset, and prints the
-      command that continues (--resume). Slices end with the same weights as one uninterrupted run (tested on
-      the CPU, bit for bit).
+      position in the epoch and the shuffling generator, and prints the command that continues (--resume).
+      The auto-encoder's training regions are written once, to ae_subset.pt beside model.pt (deleted when
+      training is done), so the checkpoint of every epoch stays small. Slices end with the same weights as
+      one uninterrupted run (tested on the CPU, bit for bit).
 
 Deviations from the paper:
     1. Backbone weights: torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth: conv1 64 kernels with
@@ -725,6 +726,22 @@ def fit_single_g1_threshold(model, subset, args):
     print(f"single classifier G1: alpha {alpha:.4g} (d1 p{args.alpha_pct} on the training subset)")
 
 
+SUBSET_FILE = "ae_subset.pt"      # the auto-encoder's training regions while its training is unfinished
+
+
+def load_subset(path: str, ckpt_path: str, shape) -> torch.Tensor:
+    """The auto-encoder's training regions that an unfinished model.pt (stage autoencoder) continues with."""
+    if not os.path.isfile(path):
+        raise common.DataError(f"{path}: not found; {ckpt_path} (auto-encoder stage) continues training on the "
+                               f"regions saved there; copy it beside model.pt, or retrain with --train --overwrite")
+    subset = common.load_checkpoint(path).get("subset")
+    if not isinstance(subset, torch.Tensor) or (shape is not None and list(subset.shape) != list(shape)):
+        found = "no regions" if not isinstance(subset, torch.Tensor) else f"shape {list(subset.shape)}"
+        raise common.DataError(f"{path}: {found}, expected the {shape} regions {ckpt_path} was trained on; "
+                               f"retrain with --train --overwrite")
+    return subset
+
+
 def train(model, ds, args, argv=None, ckpt=None):
     """Stages g1 (pass 1) -> autoencoder (epochs of steps) -> g2 (pass 2 and thresholds) -> done, resumable
     from `ckpt` (a model.pt of an unfinished run). Returns the training time in seconds, or None when
@@ -732,6 +749,7 @@ def train(model, ds, args, argv=None, ckpt=None):
     t0 = time.time()
     budget = common.TimeBudget(args.max_minutes)
     ckpt_path = os.path.join(args.out, "model.pt")
+    subset_path = os.path.join(args.out, SUBSET_FILE)
     device = args.device
     stage, spent, subset = "g1", 0.0, None
     progress = {"epoch": 1, "step": 0, "shuffle": None}
@@ -745,10 +763,10 @@ def train(model, ds, args, argv=None, ckpt=None):
             print(f"{ckpt_path} is complete: nothing to train")
             return spent
         progress = {"epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "shuffle": ckpt.get("shuffle_state")}
-        subset = ckpt.get("subset")
-        if stage == "autoencoder" and subset is None:
-            raise common.DataError(f"{ckpt_path}: stage autoencoder without the auto-encoder's training subset; "
-                                   "retrain with --train into a new --out")
+        if stage == "autoencoder":      # (checkpoints of earlier versions hold the regions themselves)
+            subset = ckpt.get("subset")
+            if subset is None:
+                subset = load_subset(subset_path, ckpt_path, ckpt.get("subset_shape"))
         common.set_rng_state(ckpt["rng"])
         print(f"resumed from {ckpt_path} (stage {stage}, epoch {progress['epoch']}, step {progress['step']})")
     model.to(device)
@@ -757,14 +775,14 @@ def train(model, ds, args, argv=None, ckpt=None):
         optimizer.load_state_dict(ckpt["optimizer"])            # after model.to: the state follows the parameters
     shuffle = torch.Generator().manual_seed(args.seed + 1)
 
-    def save(stage_name, keep_subset=None):
+    def save(stage_name):
         state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "stage": stage_name, "epoch": progress["epoch"],
                  "step": progress["step"], "shuffle_state": progress["shuffle"], "rng": common.get_rng_state(),
                  "backbone": args.backbone_source, "train_time_s": spent + time.time() - t0,
                  "args": common.args_to_dict(args)}
-        if keep_subset is not None:
-            state["subset"] = keep_subset.cpu()
+        if stage_name == "autoencoder":
+            state["subset_shape"] = list(subset.shape)
         common.save_checkpoint(ckpt_path, state)
 
     def stopped(where):
@@ -782,14 +800,17 @@ def train(model, ds, args, argv=None, ckpt=None):
             fit_single_g1_threshold(model, subset, args)
             stage = "done"
         else:
+            # the auto-encoder's data (Ped2: 200,000 x 192 float32, 154 MB) is written once, beside model.pt,
+            # so that the checkpoint of every epoch stays small; it is deleted when training is done
+            common.save_checkpoint(subset_path, {"subset": subset.cpu()})
             stage = "autoencoder"
             if budget.expired():
-                save(stage, subset)
+                save(stage)
                 return stopped("the end of the G1 pass")
     if stage == "autoencoder":
         subset = subset.to(device)
         if not train_autoencoder(model, subset, optimizer, shuffle, progress, args, budget,
-                                 lambda: save("autoencoder", subset)):
+                                 lambda: save("autoencoder")):
             return stopped(f"auto-encoder epoch {progress['epoch']} step {progress['step']}")
         subset = None
         stage = "g2"
@@ -803,6 +824,8 @@ def train(model, ds, args, argv=None, ckpt=None):
         fit_g2_and_thresholds(model, videos, args)
     progress.update(epoch=args.epochs if needs_ct else 0, step=0, shuffle=None)
     save("done")
+    if os.path.exists(subset_path):
+        os.remove(subset_path)                                  # model.pt no longer refers to it
     train_time = spent + time.time() - t0
     print(f"training done in {train_time:.1f} s -> {ckpt_path}")
     return train_time

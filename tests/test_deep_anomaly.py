@@ -638,6 +638,8 @@ def test_time_sliced_training_equals_uninterrupted(shared_cache, tmp_path, monke
         if ckpt["stage"] == "done":
             break
         steps_seen.add((ckpt["stage"], ckpt["step"]))
+        if ckpt["stage"] == "autoencoder":      # the regions live beside model.pt, not in every checkpoint
+            assert "subset" not in ckpt and (sliced / da.SUBSET_FILE).is_file()
     printed = capsys.readouterr().out
     assert slice_number >= 3 and any(stage == "autoencoder" and step > 0 for stage, step in steps_seen)
     assert "continue with: python deep_anomaly.py" in printed and "--resume" in printed
@@ -649,7 +651,28 @@ def test_time_sliced_training_equals_uninterrupted(shared_cache, tmp_path, monke
     for key, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
-    assert "subset" not in b                                  # the finished model.pt drops the AE's data
+    assert "subset" not in b and not (sliced / da.SUBSET_FILE).exists()  # done: the AE's data is dropped
+
+
+def test_resume_without_the_autoencoder_regions_names_the_file(shared_cache, tmp_path, monkeypatch):
+    """A model.pt stopped in the auto-encoder stage continues on the regions saved in ae_subset.pt; without
+    that file (e.g. only model.pt was copied) the resume must stop with an error naming it, not redraw.
+    Mutation caught: the file not written, or a missing / foreign one loaded silently."""
+    monkeypatch.setattr(common.TimeBudget, "expired", lambda self: True)     # stop after the G1 pass
+    out = tmp_path / "run"
+    argv = _small_args(shared_cache, out, "--train", "--epochs", "1", "--max-minutes", "1")
+    da.main(argv)
+    assert common.load_checkpoint(str(out / "model.pt"))["stage"] == "autoencoder"
+    regions = out / da.SUBSET_FILE
+    saved = regions.read_bytes()
+    regions.unlink()
+    with pytest.raises(common.DataError, match="ae_subset.pt: not found"):
+        da.main(argv + ["--resume"])
+    common.save_checkpoint(str(regions), {"subset": torch.zeros(3, 192)})
+    with pytest.raises(common.DataError, match=r"ae_subset.pt: shape \[3, 192\]"):
+        da.main(argv + ["--resume"])
+    regions.write_bytes(saved)
+    da.main(argv + ["--resume"])                                              # continues
 
 
 def test_end_to_end_synthetic(shared_cache, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import io
 import random
 import shlex
+import warnings
 
 import numpy as np
 import pytest
@@ -185,8 +186,11 @@ def _check_prefetch(device):
     read_only = batches[0].copy()
     read_only.flags.writeable = False               # e.g. a memmapped cache
     batches.append(read_only)
-    got = [t.cpu().numpy() for t in common.prefetch_to_device(iter(batches), device, depth=2)]
-    assert len(got) == len(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # torch's "NumPy array is not writable" on the memmap
+        on_device = list(common.prefetch_to_device(iter(batches), device, depth=2))
+    got = [t.cpu().numpy() for t in on_device]      # compared only after every copy was issued, so a buffer
+    assert len(got) == len(batches)                 # refilled while its copy is in flight shows up
     for a, b in zip(batches, got):
         np.testing.assert_array_equal(a, b)
 
@@ -210,6 +214,10 @@ def _check_to_device(device, tmp_path):
     got, starts = common.concat_to_device(videos, device)
     assert starts.tolist() == [0, 3, 4] and got.device.type == torch.device(device).type
     np.testing.assert_array_equal(got.cpu().numpy(), np.concatenate(videos))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # torch's "NumPy array is not writable" on a leading memmap
+        got, starts = common.concat_to_device(videos[::-1], device)
+    np.testing.assert_array_equal(got.cpu().numpy(), np.concatenate(videos[::-1]))
     strided = np.asarray(videos[2])[:, ::2]                            # not contiguous
     np.testing.assert_array_equal(common.to_device(strided, device).cpu().numpy(), strided)
     as_float = common.to_device(videos[2], device, torch.float32)
