@@ -89,7 +89,8 @@ Runs, speed and reproducibility
       epoch's order, the RNG states of torch (dropout), numpy and the sampler (order and jitter draws)),
       prints the command that continues and exits without testing; `--resume` continues from there, and a
       run cut into slices ends with the same weights as an uninterrupted one (bit for bit on the CPU). One
-      step = one D and one G update of each cGAN on one batch; the printed steps/s counts these. Losses are
+      step = one D and one G update of each cGAN on one batch; the printed steps/s counts these (timed from
+      the end of each epoch's or slice's first step, which includes cuDNN's autotuning on CUDA). Losses are
       summed on the device and checked for NaN/inf every 50 steps and at each epoch end (common.LossMonitor),
       not synced every step. On CUDA the training split is held on the GPU (uint8 frames, float16 flows)
       when it fits in half of the free memory, and the jitter runs there.
@@ -500,13 +501,18 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
             where = f"epoch {epoch + 1} step {step + 1}"
             monitor.add(where, f2o_D=f2o[0], f2o_G=f2o[1], f2o_L1=f2o[2], o2f_D=o2f[0], o2f_G=o2f[1], o2f_L1=o2f[2])
             progress["step"] = step + 1
+            if step == first_step:          # the rate leaves out the first step (cuDNN autotuning on CUDA)
+                common.synchronize(device)
+                t_first = time.time()
             if budget.expired() and step + 1 < steps_per_epoch:
                 stopped = True
                 break
         common.synchronize(device)
         elapsed = time.time() - t0
         train_time_s += elapsed
-        steps_per_s = (progress["step"] - first_step) / max(elapsed, 1e-9)
+        timed_steps = progress["step"] - first_step - 1
+        steps_per_s = (timed_steps / max(time.time() - t_first, 1e-9) if timed_steps > 0
+                       else (progress["step"] - first_step) / max(elapsed, 1e-9))
         if stopped:
             save(f"epoch {epoch + 1} step {progress['step']}")
             print(f"training: {steps_per_s:.2f} steps/s (one step = a D and a G update of both cGANs, batch "

@@ -29,7 +29,8 @@
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
 #      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's and gan_flow's
-#      training steps/s), and adv3dae's 6 vs 10 layers at test batch 1;
+#      training steps/s, stan's for its pixel-loss and its adversarial steps), and adv3dae's 6 vs 10 layers
+#      at test batch 1;
 #   4. with time left: adv3dae --no-gan (Table V), then stan, gan_flow and gmfc_vae at the paper protocol.
 # PHASE=train runs the training parts of these in the same order and tests nothing. Run the script again
 # on the same machine to go on: finished steps are skipped and every paper-protocol training resumes from
@@ -198,11 +199,15 @@ say "flows ($FLOW_WORKERS processes): $(tr '\r' '\n' <"$LOGS/flows.log" | grep -
 # bar"), which sizes their full schedules.
 if [ ! -f "$DONE/throughput" ]; then
     short_run stan stan.py 0.4 --lambda-s 1
+    # the 0.4 min above are all pixel-loss steps; the adversarial step (D's 3D convolutions too) takes 20 of
+    # the 30 paper epochs: its steps/s from a slice that starts adversarial (not the paper's schedule)
+    once stan_adv_short_train 90 python3 stan.py $D --train --resume --max-minutes 0.3 --pretrain-epochs 0 \
+        --lambda-s 1 --out "$RUNS/stan_adv_short"
     short_run gan_flow gan_flow.py 0.4 --backbone-weights none
     short_run gmfc_vae gmfc_vae.py 0.001
     short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
     all_done() { for f in "$@"; do [ -f "$DONE/$f" ] || return 1; done; }
-    if all_done stan_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then
+    if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then
         touch "$DONE/throughput_train"
     fi
     if [ "$PHASE" != train ]; then
