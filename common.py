@@ -1689,22 +1689,15 @@ def prefetch_to_device(batches, device, depth: int = 2):
             yield to_device(batch, device)
         return
     copy_stream = torch.cuda.Stream(device)
-    pinned, copied = [None] * depth, [None] * depth
+    pinned, copied = [None] * depth, [None] * depth   # per slot: a pinned byte buffer, grown when too small
     pending = deque()
     for i, batch in enumerate(batches):
         slot = i % depth
         if copied[slot] is not None:
             copied[slot].synchronize()             # that buffer's previous copy must be done before reuse
-        host = batch if isinstance(batch, torch.Tensor) else np.asarray(batch)
-        dtype = host.dtype if isinstance(host, torch.Tensor) else torch_dtype(host.dtype)
-        if pinned[slot] is None or pinned[slot].shape != tuple(host.shape) or pinned[slot].dtype != dtype:
-            pinned[slot] = torch.empty(tuple(host.shape), dtype=dtype, pin_memory=True)
-        if isinstance(host, torch.Tensor):
-            pinned[slot].copy_(host)
-        else:
-            np.copyto(pinned[slot].numpy(), host)  # a read-only memmap too, without a torch view of it
+        pinned[slot], staged = stage_batch(pinned[slot], batch, pin=True)
         with torch.cuda.stream(copy_stream):
-            on_device = pinned[slot].to(device, non_blocking=True)
+            on_device = staged.to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(copy_stream)
         copied[slot] = done
@@ -1713,6 +1706,24 @@ def prefetch_to_device(batches, device, depth: int = 2):
             yield _take(pending.popleft(), device)
     while pending:
         yield _take(pending.popleft(), device)
+
+
+def stage_batch(buffer, batch, pin: bool):
+    """Copy a host batch (numpy array, read-only memmap, or CPU tensor) into `buffer`, a byte tensor that is
+    replaced by a larger one (pinned when `pin`) only when the batch does not fit, so batches of other shapes
+    (the last one, videos of other lengths) reuse it. Returns (buffer, the batch's view into it)."""
+    import torch
+    host = batch if isinstance(batch, torch.Tensor) else np.asarray(batch)
+    dtype = host.dtype if isinstance(host, torch.Tensor) else torch_dtype(host.dtype)
+    nbytes = math.prod(host.shape) * dtype.itemsize
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+    staged = buffer[:nbytes].view(dtype).view(tuple(host.shape))
+    if isinstance(host, torch.Tensor):
+        staged.copy_(host)
+    else:
+        np.copyto(staged.numpy(), host)          # a read-only memmap too, without a torch view of it
+    return buffer, staged
 
 
 def _take(item, device):

@@ -182,7 +182,9 @@ def test_pad_batch_repeats_the_last_row_to_a_fixed_shape():
 def _check_prefetch(device):
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 255, (3, 8, 8), dtype=np.uint8) for _ in range(5)]
-    batches.append(batches[-1][:1].copy())          # a batch of another shape: a new pinned buffer
+    batches.append(batches[-1][:1].copy())          # a smaller batch: the same pinned buffer
+    batches.append(rng.integers(0, 255, (5, 8, 8), dtype=np.uint8))   # a larger one: a new buffer
+    batches.append(rng.standard_normal((3, 8)).astype(np.float16))    # another dtype
     read_only = batches[0].copy()
     read_only.flags.writeable = False               # e.g. a memmapped cache
     batches.append(read_only)
@@ -193,6 +195,27 @@ def _check_prefetch(device):
     assert len(got) == len(batches)                 # refilled while its copy is in flight shows up
     for a, b in zip(batches, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_stage_batch_reuses_a_buffer_that_fits():
+    """The staging buffer of the CUDA prefetch: every batch's values, shape and dtype come back exactly; a
+    smaller batch reuses the buffer, a larger one gets a new one. Catches: a view of the wrong length or
+    dtype, the buffer reallocated for every shape, or a stale buffer too small for the batch."""
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 255, (4, 6, 5), dtype=np.uint8)
+    batches = [big, big[:1].copy(), rng.standard_normal((2, 3)).astype(np.float16),
+               torch.arange(6, dtype=torch.float32).reshape(2, 3), rng.integers(0, 255, (5, 6, 5), dtype=np.uint8)]
+    read_only = big.copy()
+    read_only.flags.writeable = False
+    batches.append(read_only)
+    buffer, pointers = None, []
+    for batch in batches:
+        buffer, staged = common.stage_batch(buffer, batch, pin=False)
+        want = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))
+        assert staged.dtype == want.dtype and torch.equal(staged, want)
+        pointers.append(buffer.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2] == pointers[3]    # smaller batches: the same buffer
+    assert pointers[4] != pointers[3] and pointers[5] == pointers[4]   # a larger one grows it once
 
 
 def test_prefetch_to_device_yields_every_batch_in_order_on_cpu():
