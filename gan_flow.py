@@ -107,7 +107,9 @@ Runs, speed and reproducibility
     - With `--streams both` (the paper) the same pass also yields the motion-only (N_O) and appearance-only
       (N_S) scores: they are evaluated too (metrics.json "streams", scores_motion.npz, scores_appearance.npz),
       the fusion analysis of the paper's section 5.1 from one run.
-    - `--amp` (bf16 autocast on CUDA) stays opt-in: its effect on the metrics has not been measured.
+    - `--amp` (bf16 autocast on CUDA) stays opt-in: its effect on the metrics has not been measured. Without
+      it CUDA runs the convolutions in cuDNN's TF32 (PyTorch's default), so CUDA and CPU scores differ by more
+      than float32 rounding (the test-time dropout draws differ between the devices anyway).
     - A baseline to beat, not only chance: at the README's reduced Ped2 command, a model stopped after one
       training step (`--max-minutes 0.001`, then `--test`) scores 91.1 frame AUC (motion stream alone
       88.0), above the model trained for the command's 2 epochs (81.0, motion alone 78.4) and for 10

@@ -24,7 +24,8 @@
 # default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train).
 #
 # In order of what a short slot should bring back first:
-#   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s;
+#   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s
+#      (float32, as on the CPU; then the same model with --amp);
 #   2. adv3dae at the paper protocol, trained for what the budget allows, then tested (unfinished too);
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
@@ -100,7 +101,7 @@ step() {
     local rc=$?
     say "$name: rc $rc in $(($(date +%s) - start))s (limit ${limit}s): $*"
     # the lines a reader wants from the log: throughput, results, warnings, errors
-    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "frames/s|steps/s|AUC|auc|training done|stopped|warning|Error|error" \
+    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "frames/s|steps/s|copies|AUC|auc|training done|stopped|warning|Error|error" \
         | grep -a -v "it/s\]$" | tail -n 12 | sed "s/^/    /" | tee -a "$SUMMARY"
     # and the last progress bar's rate (tqdm's smoothed it/s: the training steps/s of a slice)
     tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "(it/s|s/it)\]$" | tail -n 1 | sed "s/^/    last bar: /" \
@@ -163,12 +164,36 @@ if [ "$PHASE" != train ] && [ -f "$test_dir/STAND-IN" ]; then
 fi
 step env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, cv2, sklearn; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\", \"opencv\", cv2.__version__)"'
 if [ "$DATASET" = ped2 ]; then step summary 60 python3 common.py $D --summary; fi
+# the device copies every test path uses (pinned staging, side stream, resident splits), checked on CUDA
+# against the host data before anything relies on them (pytest is not on the machine)
+once device_copies 60 python3 - <<'PY'
+import numpy as np, torch, common
+if torch.cuda.is_available():
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 255, (n, 64, 64), dtype=np.uint8) for n in (8, 8, 3, 12, 8)]
+    batches += [rng.standard_normal((4, 32)).astype(np.float16), torch.arange(12.0).reshape(3, 4)]
+    batches[1].flags.writeable = False                               # a read-only (memmapped) batch
+    on_device = list(common.prefetch_to_device(iter(batches), "cuda", depth=2))
+    ok = len(on_device) == len(batches) and all(np.array_equal(np.asarray(b), d.cpu().numpy())
+                                                 for b, d in zip(batches, on_device))
+    split, starts = common.concat_to_device(batches[:5], "cuda")
+    ok = ok and np.array_equal(split.cpu().numpy(), np.concatenate(batches[:5]))
+    print("device copies:", "ok" if ok else "error: the data on the device differs from the host's")
+    raise SystemExit(0 if ok else 1)
+print("device copies: no CUDA, nothing checked")
+PY
 
 # 1. deep_anomaly, paper protocol, random backbone (no ImageNet file on a machine without internet)
 once deep_anomaly_train 240 python3 deep_anomaly.py $D --train --backbone-weights none --resume \
     --out "$RUNS/deep_anomaly"
 if [ "$PHASE" != train ]; then
     once deep_anomaly_test 120 python3 deep_anomaly.py $D --test --backbone-weights none --out "$RUNS/deep_anomaly"
+    # the same model tested with --amp (bf16 convolutions), the faster opt-in setting: its frames/s and metrics
+    if [ -f "$RUNS/deep_anomaly/model.pt" ]; then
+        mkdir -p "$RUNS/deep_anomaly_amp" && cp -u "$RUNS/deep_anomaly/model.pt" "$RUNS/deep_anomaly_amp/"
+        once deep_anomaly_amp_test 90 python3 deep_anomaly.py $D --test --amp --backbone-weights none \
+            --out "$RUNS/deep_anomaly_amp"
+    fi
 fi
 
 # 2. flows for gan_flow (256x256) and gmfc_vae (420x280) on the CPU cores while adv3dae trains on the GPU
