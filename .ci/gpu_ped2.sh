@@ -25,7 +25,7 @@
 #
 # In order of what a short slot should bring back first:
 #   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s
-#      (float32, as on the CPU; then the same model with --amp);
+#      (float32, as on the CPU; then the same model with --amp, and with the fixed-shape cascade);
 #   2. adv3dae at the paper protocol, trained for what the budget allows, then tested (unfinished too);
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
@@ -193,6 +193,16 @@ if [ "$PHASE" != train ]; then
         mkdir -p "$RUNS/deep_anomaly_amp" && cp -u "$RUNS/deep_anomaly/model.pt" "$RUNS/deep_anomaly_amp/"
         once deep_anomaly_amp_test 90 python3 deep_anomaly.py $D --test --amp --backbone-weights none \
             --out "$RUNS/deep_anomaly_amp"
+        # and with the fixed-shape cascade (CT and G2 on every region, no host sync; the same scores) against
+        # the default gather of the suspicious regions: which is faster on this GPU
+        mkdir -p "$RUNS/deep_anomaly_dense" && cp -u "$RUNS/deep_anomaly/model.pt" "$RUNS/deep_anomaly_dense/"
+        once deep_anomaly_dense_test 90 python3 - $D --test --backbone-weights none --out "$RUNS/deep_anomaly_dense" <<'PY'
+import sys
+import deep_anomaly as da
+gathered = da.DeepAnomaly.region_scores
+da.DeepAnomaly.region_scores = lambda self, *a, **k: gathered(self, *a, **{**k, "gather": False})
+da.main(sys.argv[1:])
+PY
     fi
 fi
 

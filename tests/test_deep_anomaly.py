@@ -346,7 +346,7 @@ def test_single_classifier_and_cascade_region_scores():
         # the paper's computation: CT/G2 only in the suspicious band, the lower bound d1/alpha elsewhere
         band = (d1 > beta) & (d1 < alpha)
         assert band.any() and (~band).any()
-        for gather in (True, False):          # CPU default (gather the band) and CUDA default (masked select)
+        for gather in (True, False):          # the default (gather the band) and the fixed-shape masked select
             fast = model.region_scores(feats, ct_regions="suspicious", gather=gather)
             torch.testing.assert_close(fast[band], exact[band])
             torch.testing.assert_close(fast[~band], d1[~band] / alpha)
