@@ -1655,9 +1655,7 @@ def host_tensor(array, pin: bool = False):
         return array.pin_memory() if pin else array
     if not pin and array.flags.writeable and array.flags.c_contiguous:
         return torch.from_numpy(array)
-    tensor = torch.empty(array.shape, dtype=torch_dtype(array.dtype), pin_memory=pin)
-    np.copyto(tensor.numpy(), array)              # straight from the memmap: no intermediate copy
-    return tensor
+    return stage_batch(None, array, pin)[1]       # straight from the memmap: no intermediate copy
 
 
 def torch_dtype(numpy_dtype):

@@ -48,8 +48,8 @@ What the method does:
     map for a 240 x 320 input; C3 at 240 x 320: every 4 from pixel 2, since every 8 from pixel 4 misses a
     run), so the stored map holds every distinct value of the full-resolution map and its maximum equals the
     full-resolution maximum (checked against brute force in the tests), and cell i lies where eval.py's
-    bilinear upsampling centres it (within half a pixel: the map is not shifted). So frame scores are exact; the pixel level is exact only on
-    that grid: eval.py upsamples every method's maps bilinearly to the mask size, which blurs the step
+    bilinear upsampling centres it (within half a pixel: the map is not shifted). So frame scores are
+    exact; the pixel level is exact only on that grid: eval.py upsamples every method's maps bilinearly to the mask size, which blurs the step
     edges of this one (a few pixels per run boundary), and the map is stored in float16.
 
 Speed (the paper's point: 370 frames/s on a TITAN). The test split goes through batches of a fixed
@@ -77,8 +77,7 @@ alternative (CT and G2 everywhere, then select: `region_scores(gather=False)`, t
 none. A warm-up batch of the same shape runs
 before the timer, so cuDNN autotuning is not timed. `--amp` (bf16 autocast for the convolutions only; G1,
 CT and G2 always run in float32) is opt-in, the faster setting: its effect on the metrics has not been
-measured. The printed
-test frames/s covers cached frames -> scores.npz: reading the frame cache, host-to-device copies, D_t,
+measured. The printed test frames/s covers cached frames -> scores.npz: reading the frame cache, host-to-device copies, D_t,
 C1-S1-C2, G1, CT, G2, zeta maps and frame scores, the copy back and writing scores.npz; it excludes model
 load, index tables, warm-up and evaluation.
 

@@ -510,10 +510,11 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
                 stopped = True
                 break
         common.synchronize(device)
-        elapsed = time.time() - t0
+        now = time.time()
+        elapsed = now - t0
         train_time_s += elapsed
         timed_steps = progress["step"] - first_step - 1
-        steps_per_s = (timed_steps / max(time.time() - t_first, 1e-9) if timed_steps > 0
+        steps_per_s = (timed_steps / max(now - t_first, 1e-9) if timed_steps > 0
                        else (progress["step"] - first_step) / max(elapsed, 1e-9))
         if stopped:
             save(f"epoch {epoch + 1} step {progress['step']}")

@@ -167,20 +167,14 @@ if [ "$DATASET" = ped2 ]; then step summary 60 python3 common.py $D --summary; f
 # the device copies every test path uses (pinned staging, side stream, resident splits), checked on CUDA
 # against the host data before anything relies on them (pytest is not on the machine)
 once device_copies 60 python3 - <<'PY'
-import numpy as np, torch, common
+import pathlib, sys, tempfile
+import torch
+sys.path.insert(0, "tests")
+from device_checks import check_prefetch, check_to_device      # the CUDA tests' checks, without pytest
 if torch.cuda.is_available():
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 255, (n, 64, 64), dtype=np.uint8) for n in (8, 8, 3, 12, 8)]
-    batches += [rng.standard_normal((4, 32)).astype(np.float16), torch.arange(12.0).reshape(3, 4)]
-    batches[1].flags.writeable = False                               # a read-only (memmapped) batch
-    on_device = list(common.prefetch_to_device(iter(batches), "cuda", depth=2))
-    ok = len(on_device) == len(batches) and all(np.array_equal(np.asarray(b), d.cpu().numpy())
-                                                 for b, d in zip(batches, on_device))
-    split, starts = common.concat_to_device(batches[:5], "cuda")
-    ok = ok and np.array_equal(split.cpu().numpy(), np.concatenate(batches[:5]))
-    print("device copies:", "ok" if ok else "error: the data on the device differs from the host's")
-    raise SystemExit(0 if ok else 1)
-print("device copies: no CUDA, nothing checked")
+    check_prefetch("cuda")
+    check_to_device("cuda", pathlib.Path(tempfile.mkdtemp()))
+print("device copies:", "ok" if torch.cuda.is_available() else "no CUDA, nothing checked")
 PY
 
 # 1. deep_anomaly, paper protocol, random backbone (no ImageNet file on a machine without internet)

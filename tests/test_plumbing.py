@@ -3,13 +3,13 @@
 import io
 import random
 import shlex
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import common
+from device_checks import check_prefetch, check_to_device
 
 
 def _parse(argv):
@@ -179,24 +179,6 @@ def test_pad_batch_repeats_the_last_row_to_a_fixed_shape():
         common.pad_batch(np.zeros((6, 2)), 5)
 
 
-def _check_prefetch(device):
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 255, (3, 8, 8), dtype=np.uint8) for _ in range(5)]
-    batches.append(batches[-1][:1].copy())          # a smaller batch: the same pinned buffer
-    batches.append(rng.integers(0, 255, (5, 8, 8), dtype=np.uint8))   # a larger one: a new buffer
-    batches.append(rng.standard_normal((3, 8)).astype(np.float16))    # another dtype
-    read_only = batches[0].copy()
-    read_only.flags.writeable = False               # e.g. a memmapped cache
-    batches.append(read_only)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")              # torch's "NumPy array is not writable" on the memmap
-        on_device = list(common.prefetch_to_device(iter(batches), device, depth=2))
-    got = [t.cpu().numpy() for t in on_device]      # compared only after every copy was issued, so a buffer
-    assert len(got) == len(batches)                 # refilled while its copy is in flight shows up
-    for a, b in zip(batches, got):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_stage_batch_reuses_a_buffer_that_fits():
     """The staging buffer of the CUDA prefetch: every batch's values, shape and dtype come back exactly; a
     smaller batch reuses the buffer, a larger one gets a new one. Catches: a view of the wrong length or
@@ -220,31 +202,13 @@ def test_stage_batch_reuses_a_buffer_that_fits():
 
 def test_prefetch_to_device_yields_every_batch_in_order_on_cpu():
     """Catches: a dropped last batch, reordering, or a failure on read-only (memmapped) arrays."""
-    _check_prefetch("cpu")
+    check_prefetch("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefetch_to_device_yields_every_batch_in_order_on_cuda():
     """Catches: a pinned buffer overwritten while its copy is in flight (wrong data), or a lost batch."""
-    _check_prefetch("cuda")
-
-
-def _check_to_device(device, tmp_path):
-    rng = np.random.default_rng(1)
-    videos = [rng.integers(0, 255, (n, 6, 5), dtype=np.uint8) for n in (3, 1, 4)]
-    np.save(tmp_path / "v.npy", videos[2])
-    videos[2] = np.load(tmp_path / "v.npy", mmap_mode="r")           # a read-only memmap, as the caches are
-    got, starts = common.concat_to_device(videos, device)
-    assert starts.tolist() == [0, 3, 4] and got.device.type == torch.device(device).type
-    np.testing.assert_array_equal(got.cpu().numpy(), np.concatenate(videos))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")        # torch's "NumPy array is not writable" on a leading memmap
-        got, starts = common.concat_to_device(videos[::-1], device)
-    np.testing.assert_array_equal(got.cpu().numpy(), np.concatenate(videos[::-1]))
-    strided = np.asarray(videos[2])[:, ::2]                            # not contiguous
-    np.testing.assert_array_equal(common.to_device(strided, device).cpu().numpy(), strided)
-    as_float = common.to_device(videos[2], device, torch.float32)
-    assert as_float.dtype == torch.float32 and as_float.cpu().numpy().tolist() == np.asarray(videos[2]).tolist()
+    check_prefetch("cuda")
 
 
 def test_host_tensor_shares_or_copies_exactly(tmp_path):
@@ -261,14 +225,14 @@ def test_host_tensor_shares_or_copies_exactly(tmp_path):
     assert torch.equal(copied, torch.from_numpy(writeable)) and not copied.is_pinned()
     column = common.host_tensor(writeable[:, 1])
     assert column.is_contiguous() and column.tolist() == writeable[:, 1].tolist()
-    _check_to_device("cpu", tmp_path)
+    check_to_device("cpu", tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_to_device_through_pinned_memory_on_cuda(tmp_path):
     """Catches: a pinned copy that fails on a read-only memmap, or data lost in the asynchronous copy."""
     assert common.host_tensor(np.zeros((2, 3), np.uint8), pin=True).is_pinned()
-    _check_to_device("cuda", tmp_path)
+    check_to_device("cuda", tmp_path)
 
 
 def test_fits_on_device_compares_with_a_fraction_of_free_cuda_memory(monkeypatch):
