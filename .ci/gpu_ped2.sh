@@ -4,6 +4,14 @@
 #   bash .ci/gpu_ped2.sh BUDGET_S                 # DATA_ROOT must hold UCSDped2/ with Train and Test
 #   PHASE=train bash .ci/gpu_ped2.sh BUDGET_S     # only what needs the training split (see below)
 #   DATASET=synthetic bash .ci/gpu_ped2.sh 900    # the same sequence on the synthetic data (a CPU smoke test)
+#   FOCUS="stan" bash .ci/gpu_ped2.sh BUDGET_S    # the whole budget for the paper-protocol runs named
+#
+# One short GPU slot holds the sequence below, but not the full paper schedules of stan, gan_flow, gmfc_vae
+# and adv3dae together: after a first slot has brought back deep_anomaly and every script's throughput and
+# training steps/s, give each later slot to one method with FOCUS (runs: deep_anomaly adv3dae adv3dae_nogan
+# adv3dae_l6 stan gan_flow gmfc_vae; several go in order, the next only once the one before is tested).
+# A FOCUS call trains (resumed) for all its budget but FOCUS_RESERVE seconds (default 150; 10 with
+# PHASE=train), then tests; the same two calls as below apply, the first with PHASE=train.
 #
 # Ped2 is larger than one transfer to a lent GPU machine (64 MiB a call, checkout included), so it goes in
 # two pieces, in calls made back to back while the machine stays warm (carry/ is git-ignored). The first
@@ -49,6 +57,29 @@ DATA_ROOT=${DATA_ROOT:-/root/data}
 RUNS=${RUNS:-/root/runs}
 OUT=${OUT:-${RUNS}_out}
 PHASE=${PHASE:-all}
+FOCUS=${FOCUS:-}
+# what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
+if [ "$PHASE" = train ]; then FOCUS_RESERVE=${FOCUS_RESERVE:-10}; else FOCUS_RESERVE=${FOCUS_RESERVE:-150}; fi
+# focus_command RUN: FOCUS_COMMAND = the script and flags of a paper-protocol run named in FOCUS
+focus_command() {
+    case $1 in
+        deep_anomaly) FOCUS_COMMAND=(deep_anomaly.py --backbone-weights none) ;;
+        adv3dae) FOCUS_COMMAND=(adv3dae.py) ;;
+        adv3dae_nogan) FOCUS_COMMAND=(adv3dae.py --no-gan) ;;
+        adv3dae_l6) FOCUS_COMMAND=(adv3dae.py --layers 6) ;;
+        stan) FOCUS_COMMAND=(stan.py) ;;
+        gan_flow) FOCUS_COMMAND=(gan_flow.py --backbone-weights none) ;;
+        gmfc_vae) FOCUS_COMMAND=(gmfc_vae.py) ;;
+        *) return 1 ;;
+    esac
+}
+for run in $FOCUS; do
+    if ! focus_command "$run"; then
+        echo "error: FOCUS names '$run'; runs: deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae" >&2
+        exit 2
+    fi
+done
+
 export VAD_CACHE_DIR=${VAD_CACHE_DIR:-/root/cache}
 export PYTHONUNBUFFERED=1
 DONE=$RUNS/done                      # a marker per finished step, so a later call skips it
@@ -81,7 +112,7 @@ for path in glob.glob(os.path.join(sys.argv[1], "*", "scores*.npz")):
     os.replace(frames + ".tmp.npz", frames)
 EOF
     local run f
-    for run in deep_anomaly adv3dae adv3dae_nogan stan gan_flow gmfc_vae; do
+    for run in deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae; do
         f=$RUNS/$run/scores.npz
         if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -u "$f" "$OUT/scores_$run.npz"; fi
     done
@@ -151,7 +182,7 @@ short_run() {
     once "${name}_short_test" 90 python3 "$script" $D --test --out "$RUNS/${name}_short" "$@"
 }
 
-say "call $CALL ($PHASE): budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS"
+say "call $CALL ($PHASE): budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS${FOCUS:+, FOCUS $FOCUS}"
 test_dir=$DATA_ROOT/UCSDped2/Test
 if [ "$DATASET" = ped2 ] && [ "$PHASE" = train ] && [ ! -d "$test_dir" ]; then
     # the stand-in test split: one normal video of two training frames (nothing is tested in this phase)
@@ -176,6 +207,18 @@ if torch.cuda.is_available():
     check_to_device("cuda", pathlib.Path(tempfile.mkdtemp()))
 print("device copies:", "ok" if torch.cuda.is_available() else "no CUDA, nothing checked")
 PY
+
+# FOCUS: only the named paper-protocol runs, in order, each trained (resumed) for all the budget but
+# FOCUS_RESERVE seconds and then tested; a run that is not done stops the list
+if [ -n "$FOCUS" ]; then
+    for run in $FOCUS; do
+        focus_command "$run"
+        paper_run "$run" "$FOCUS_RESERVE" "${FOCUS_COMMAND[@]}" || break
+    done
+    pack
+    say "done ($FOCUS): $(du -h "$OUT/results.tgz" | cut -f1) in $OUT/results.tgz"
+    exit 0
+fi
 
 # 1. deep_anomaly, paper protocol, random backbone (no ImageNet file on a machine without internet)
 once deep_anomaly_train 240 python3 deep_anomaly.py $D --train --backbone-weights none --resume \
