@@ -49,7 +49,8 @@ Implementation choices the paper leaves open (not deviations, but stated so they
 - Initialisation (not in the paper): Xavier-uniform (tanh gain), zero biases, and the last (linear)
   de-convolution starts at zero, i.e. the first reconstruction is the mean image. PyTorch's default init
   sizes a transposed convolution by its output channels and starts the 1-channel output layer at std ~2
-  against inputs of std ~0.05, which RMSprop at lr 2e-4 takes thousands of steps to undo.
+  against inputs of std ~0.05, which RMSprop at lr 2e-4 takes thousands of steps to undo. The
+  discriminator keeps PyTorch's default init (its layers are plain convolutions and linear layers).
 - What a short budget scores: since the first reconstruction is the mean image, a model that has hardly
   trained scores like mean-image background subtraction (e_t grows with how much of the frame differs from
   the empty scene), which already ranks Ped2's frames well (its bikes and carts are larger than walkers).
@@ -83,8 +84,10 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   later epoch up to 12, with D still winning (L_D mostly 0.01-0.03 from epoch 5), so the term does steer
   a longer run; the paper's GAN-versus-no-GAN gap (Table V, Ped2: 91.0 against 90.3) is worth checking
   against that share at the paper's budget. The share shrinks with the input size, because L_rec sums over
-  every pixel of the clip while L_adv is one number per clip: so expect the 224x224 run's share to start far
-  below the reduced run's.
+  every pixel of the clip while L_adv is one number per clip: at initialisation, on two training clips, it
+  is 0.0049% at 64x96 and 0.0007% at 224x224. The paper's own training-side check is Fig. 3: its L_adv
+  "fluctuate[s] at 2 ln 2" (D confused), which a run at lambda = 1 with D winning does not show; the
+  training log's L_D against 2 ln 2 = 1.386 is the thing to read before crediting or blaming lambda.
 - Training clips (Hasan et al. [12] augmentation): from every training video, `--clip-len` (16) frame clips
   taking every k-th frame for skip strides k = 1, 2, 3 (`--skip-strides`), starting at every `--train-step`-th
   frame (default 1, i.e. every clip). Epochs (20) and batch size (16) are not in the paper.
