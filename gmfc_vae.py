@@ -99,8 +99,8 @@ Choices the paper leaves open (documented, not deviations)
   eval's bilinear upsampling at the borders of the 4x4 blocks.
 - Frames must be multiples of 28 on both sides (`--image-size`) so that the test grid tiles the whole frame
   (the map is stretched over the frame by the evaluator); 28 must be a multiple of `--test-stride`. With a
-  stride below 28 the patches overlap and the map of patch centres is stretched over the frame (off by at most
-  half a stride near the borders).
+  stride s below 28 the patches overlap and the map of patch centres is stretched over the frame, which moves
+  the border cells by about (28 - s) / 2 pixels (10 px at stride 7 on 280 rows).
 - A video with a single frame has no flow: its motion-stream and fused scores are NaN ("cannot score"), kept as
   such in scores.npz; its map cells take the run's lowest map value (maps must be finite).
 - Precision: fp32 by default, on CUDA too (cuDNN's TF32 is turned off: its 10-bit mantissa, like bf16's 7
@@ -193,6 +193,20 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   ReLU, F5/F6 mapping 256 -> 64) gives 41.0%; one variance per component at scoring (the mean of log
   sigma_c^2 over the 64 dimensions, on the seed-0 ReLU model) 42.1%. With or without the ReLU the encoder
   mean spans about 11 directions (covariance eigenvalues above 1e-3 of the largest).
+- How to read the frame AUCs above: with every test cell scored, a bottom-corner cell that is never a
+  training patch (cell row 10, column 13 has a moving pixel in 0 of 2,534 training frame pairs at the
+  threshold of 15) holds the frame maximum of 96-99% of test frames, so the appearance frame AUC measures
+  that one static cell. Two models with the same patch AUC among moving cells (61.7%; the second differed
+  only in F6's starting bias, the minimum instead of the mean of the component log-variances) scored 42.8%
+  and 57.5%, with a different corner cell winning; their appearance pixel AUC is 0.0% (the always-hot
+  corner alarms on every normal frame first). Frame AUC differences of ~15 points between the variants
+  above are within that noise; the patch AUCs and the figures with static test cells skipped are the
+  evidence. The same runs show what VaDE does to the mixture: 6 of the 20 components end with no
+  patches, 2 hold 63%, and the energy follows the assigned component's log-determinant (correlation 0.79).
+- The motion threshold decides whether the border cells are ever trained on: at 5 instead of 15 (35% of
+  positions kept) the corner cells count as moving in 569-1,880 of the 2,534 training frame pairs, the
+  patch AUC over moving cells goes from 61.7% to 66.9%, and corner cells still win 72% of the frame maxima
+  (frame AUC 46.5% micro / 52.4% macro). Not the cause either; the default stays 15.
 - Not testable on a CPU: the paper's 960K patches with our default epochs (24x the reduced run's patches, 5x
   its epochs; 12x the larger run's patch-epochs).
 
