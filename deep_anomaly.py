@@ -49,8 +49,9 @@ What the method does:
     run), so the stored map holds every distinct value of the full-resolution map and its maximum equals the
     full-resolution maximum (checked against brute force in the tests), and cell i lies where eval.py's
     bilinear upsampling centres it (within half a pixel: the map is not shifted). So frame scores are
-    exact; the pixel level is exact only on that grid: eval.py upsamples every method's maps bilinearly to the mask size, which blurs the step
-    edges of this one (a few pixels per run boundary), and the map is stored in float16.
+    exact; the pixel level is exact only on that grid: eval.py upsamples every method's maps bilinearly to
+    the mask size, which blurs the step edges of this one (a few pixels per run boundary), and the map is
+    stored in float16.
 
 Speed (the paper's point: 370 frames/s on a TITAN). The test split goes through batches of a fixed
 number of target frames that run across video boundaries (no half-empty batch at the end of every short
@@ -74,12 +75,12 @@ paper's saving: CT and G2 cost about as much as C1-C2 when run on every region (
 frames: 0.33 s for them against 0.36 s for C1-C2; 0.07 s gathered, 1.6x for the batch). The gather's
 data-dependent shape costs two host syncs per batch on CUDA (hundreds of frames each); the fixed-shape
 alternative (CT and G2 everywhere, then select: `region_scores(gather=False)`, the same scores, tested) has
-none. A warm-up batch of the same shape runs
-before the timer, so cuDNN autotuning is not timed. `--amp` (bf16 autocast for the convolutions only; G1,
-CT and G2 always run in float32) is opt-in, the faster setting: its effect on the metrics has not been
-measured. The printed test frames/s covers cached frames -> scores.npz: reading the frame cache, host-to-device copies, D_t,
-C1-S1-C2, G1, CT, G2, zeta maps and frame scores, the copy back and writing scores.npz; it excludes model
-load, index tables, warm-up and evaluation.
+none. A warm-up batch of the same shape runs before the timer, so cuDNN autotuning is not timed. `--amp`
+(bf16 autocast for the convolutions only; G1, CT and G2 always run in float32) is opt-in, the faster
+setting: its effect on the metrics has not been measured. The printed test frames/s covers cached frames
+-> scores.npz: reading the frame cache, host-to-device copies, D_t, C1-S1-C2, G1, CT, G2, zeta maps and
+frame scores, the copy back and writing scores.npz; it excludes model load, index tables, warm-up and
+evaluation.
 
 Implementation choices (documented, not in the paper):
     - Covariance regulariser: Sigma + eps * (trace(Sigma) / d) * I with eps = --cov-eps (1e-3). The Cholesky

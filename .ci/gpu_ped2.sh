@@ -8,8 +8,8 @@
 #
 # One short GPU slot holds the sequence below, but not the full paper schedules of stan, gan_flow, gmfc_vae
 # and adv3dae together: after a first slot has brought back deep_anomaly and every script's throughput and
-# training steps/s, give each later slot to one method with FOCUS (runs: deep_anomaly adv3dae adv3dae_nogan
-# adv3dae_l6 stan gan_flow gmfc_vae; several go in order, the next only once the one before is tested).
+# training steps/s, give each later slot to one method with FOCUS (the runs of run_command below; several
+# go in order, the next only once the one before is tested).
 # A FOCUS call trains (resumed) for all its budget but FOCUS_RESERVE seconds (default 150; 10 with
 # PHASE=train), then tests; the same two calls as below apply, the first with PHASE=train.
 #
@@ -60,24 +60,22 @@ PHASE=${PHASE:-all}
 FOCUS=${FOCUS:-}
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
 if [ "$PHASE" = train ]; then FOCUS_RESERVE=${FOCUS_RESERVE:-10}; else FOCUS_RESERVE=${FOCUS_RESERVE:-150}; fi
-# focus_command RUN: FOCUS_COMMAND = the script and flags of a paper-protocol run named in FOCUS
-focus_command() {
+# run_command RUN: RUN_COMMAND = the script and flags of the paper-protocol run named RUN (paper_run, FOCUS)
+PAPER_RUNS="deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae"
+run_command() {
     case $1 in
-        deep_anomaly) FOCUS_COMMAND=(deep_anomaly.py --backbone-weights none) ;;
-        adv3dae) FOCUS_COMMAND=(adv3dae.py) ;;
-        adv3dae_nogan) FOCUS_COMMAND=(adv3dae.py --no-gan) ;;
-        adv3dae_l6) FOCUS_COMMAND=(adv3dae.py --layers 6) ;;
-        stan) FOCUS_COMMAND=(stan.py) ;;
-        gan_flow) FOCUS_COMMAND=(gan_flow.py --backbone-weights none) ;;
-        gmfc_vae) FOCUS_COMMAND=(gmfc_vae.py) ;;
+        deep_anomaly) RUN_COMMAND=(deep_anomaly.py --backbone-weights none) ;;
+        adv3dae) RUN_COMMAND=(adv3dae.py) ;;
+        adv3dae_nogan) RUN_COMMAND=(adv3dae.py --no-gan) ;;
+        adv3dae_l6) RUN_COMMAND=(adv3dae.py --layers 6) ;;
+        stan) RUN_COMMAND=(stan.py) ;;
+        gan_flow) RUN_COMMAND=(gan_flow.py --backbone-weights none) ;;
+        gmfc_vae) RUN_COMMAND=(gmfc_vae.py) ;;
         *) return 1 ;;
     esac
 }
 for run in $FOCUS; do
-    if ! focus_command "$run"; then
-        echo "error: FOCUS names '$run'; runs: deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae" >&2
-        exit 2
-    fi
+    if ! run_command "$run"; then echo "error: FOCUS names '$run'; runs: $PAPER_RUNS" >&2; exit 2; fi
 done
 
 export VAD_CACHE_DIR=${VAD_CACHE_DIR:-/root/cache}
@@ -112,7 +110,7 @@ for path in glob.glob(os.path.join(sys.argv[1], "*", "scores*.npz")):
     os.replace(frames + ".tmp.npz", frames)
 EOF
     local run f
-    for run in deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae; do
+    for run in $PAPER_RUNS; do
         f=$RUNS/$run/scores.npz
         if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -u "$f" "$OUT/scores_$run.npz"; fi
     done
@@ -156,13 +154,16 @@ train() {
     step "$name" $((seconds + 60)) "$@" --max-minutes "$(python3 -c "print(round($seconds / 60, 2))")"
 }
 
-# paper_run NAME RESERVE_S SCRIPT ARGS...: train at the paper protocol (resumed) for what leaves RESERVE_S
-# seconds, then test; an unfinished model is tested too (except stan's, which has no lambda_s before the end
+# paper_run NAME RESERVE_S: train the run NAME (run_command) at the paper protocol (resumed) for what leaves
+# RESERVE_S seconds, then test; an unfinished model is tested too (except stan's, which has no lambda_s before the end
 # of training), and a run is done once its finished model is tested. Returns 0 only when it is done (with
 # PHASE=train: when its training is).
 paper_run() {
-    local name=$1 reserve=$2 script=$3; shift 3
+    local name=$1 reserve=$2
     if [ -f "$DONE/$name" ]; then return 0; fi
+    run_command "$name"
+    set -- "${RUN_COMMAND[@]}"
+    local script=$1; shift
     if [ ! -f "$DONE/${name}_train" ]; then
         train "${name}_train" "$reserve" python3 "$script" $D --train --resume --out "$RUNS/$name" "$@" || return
         if ! grep -a -q "stopped after" "$LOGS/${name}_train.log"; then touch "$DONE/${name}_train"; fi
@@ -212,8 +213,7 @@ PY
 # FOCUS_RESERVE seconds and then tested; a run that is not done stops the list
 if [ -n "$FOCUS" ]; then
     for run in $FOCUS; do
-        focus_command "$run"
-        paper_run "$run" "$FOCUS_RESERVE" "${FOCUS_COMMAND[@]}" || break
+        paper_run "$run" "$FOCUS_RESERVE" || break
     done
     pack
     say "done ($FOCUS): $(du -h "$OUT/results.tgz" | cut -f1) in $OUT/results.tgz"
@@ -262,7 +262,7 @@ FLOWS_PID=$!
 # adv3dae, paper protocol; until the throughput runs are done, leave ~240 s for them
 if [ "$PHASE" = train ]; then marker=throughput_train; reserve=120; else marker=throughput; reserve=240; fi
 if [ -f "$DONE/$marker" ]; then reserve=30; fi
-paper_run adv3dae "$reserve" adv3dae.py
+paper_run adv3dae "$reserve"
 wait $FLOWS_PID
 say "flows ($FLOW_WORKERS processes): $(tr '\r' '\n' <"$LOGS/flows.log" | grep -a '^optical flow' | tr '\n' ';')"
 
@@ -298,10 +298,7 @@ if [ ! -f "$DONE/throughput" ]; then
 fi
 
 # 4. with time left, and in later calls: the other paper protocols, each continued where the last call stopped
-paper_run adv3dae_nogan 30 adv3dae.py --no-gan \
-    && paper_run stan 30 stan.py \
-    && paper_run gan_flow 30 gan_flow.py --backbone-weights none \
-    && paper_run gmfc_vae 30 gmfc_vae.py
+paper_run adv3dae_nogan 30 && paper_run stan 30 && paper_run gan_flow 30 && paper_run gmfc_vae 30
 
 pack
 say "done: $(du -h "$OUT/results.tgz" | cut -f1) in $OUT/results.tgz"
