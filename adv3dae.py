@@ -146,6 +146,13 @@ Running on a GPU
   std) are moved to the GPU once: a host tensor in the per-batch transform would be a blocking copy. A
   warm-up batch of the same shape runs before the timer, so cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
   reconstruction, error maps, eq. 14, writing scores.npz), not model load, warm-up or evaluation.
+- Memory: autograd keeps 1.1 GiB per training clip at 224x224 (the 10-layer net with D, counted with
+  saved-tensor hooks; 0.66 GiB with `--no-gan`), most of it at full resolution (conv1 and D's first layer),
+  so the default batch of 16 holds ~17 GiB of activations: an H100 or H200 has room, a 24 GB card is tight.
+  On the CPU the peak resident set of a training slice on Ped2 was 2.2, 3.7 and 6.8 GiB at batches 1, 2
+  and 4 (1.5 GiB more per clip), and 13.9 GiB at batch 16 with `--no-gan`; with D, batch 16 needs more
+  than a 24 GiB machine has, and the system kills it in its first step. `--batch-size 8` halves the
+  activations (the paper gives no batch size). The script prints its peak memory when it exits.
 - bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
   both of order 0.05 after mean subtraction, and bf16's ~0.4% relative precision is of the order of the
   normal-vs-abnormal error gap; it has not been measured to change no metric by more than 0.1 point.
@@ -959,7 +966,8 @@ def main(argv=None):
           f" {'+'.join(stream_names)}, test stride {args.test_stride}, batches of {args.test_batch_size} clips)")
     np.savez(os.path.join(args.out, "raw_errors.npz"),
              **{f"{n}/{name}": errors[n][i] for n in errors for i, name in enumerate(names)})
-    extra = {"train_time_s": train_time, "test_fps": fps, "run_protocol": protocol, "device": str(args.device)}
+    extra = {"train_time_s": train_time, "test_fps": fps, "run_protocol": protocol, "device": str(args.device),
+             "peak_memory_gib": common.peak_memory()}
     return vad_eval.evaluate_run(args.out, ds, normalize=normalize, smooth=smooth, extra=extra)
 
 
@@ -973,4 +981,4 @@ def make_streams(names, stats: dict, device) -> dict:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, report_memory=True)

@@ -37,10 +37,10 @@ What lives here (names starting with `_` are private):
   and temp files left by killed runs are removed after STALE_TEMP_SECONDS.
 * Optical flow (OpenCV Farneback by default, DIS as a faster option) in parallel worker processes.
 * Run plumbing shared by the five method scripts: argparse flags, device, seeding, atomic checkpoints
-  loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling; for
-  time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`, `resume_checkpoint`,
-  `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`, `to_device`,
-  `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
+  loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling,
+  `peak_memory`; for time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`,
+  `resume_checkpoint`, `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`,
+  `to_device`, `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
 * `download` / `download_dataset` (`--download`, only when the user asks): the public archives with a
   progress bar and their published sha256 (UCSD, Avenue), unpacked into a temp folder and renamed into
   place; `load_alexnet_features` for torchvision's ImageNet AlexNet weights.
@@ -1481,8 +1481,39 @@ def write_json(path: str, obj) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def run_main(main_fn) -> None:
-    """Call main_fn(); bad input / training failure -> one 'error: ...' line on stderr, exit 2, no traceback."""
+def peak_memory() -> dict:
+    """This process's peak memory so far, in GiB: the host's peak resident set and, when the process has used
+    CUDA, the most the PyTorch allocator held in tensors (max_memory_allocated) and reserved from the driver
+    (max_memory_reserved: what another process on the same GPU could not have). On Linux the host figure is
+    VmHWM from /proc, not getrusage's ru_maxrss, which survives exec: a script started from a large process
+    (a notebook, a test runner) would report its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    peak = {"host_rss_gib": round(kib / 2 ** 20, 2)}
+    torch = sys.modules.get("torch")          # imported by the caller if at all: common.py imports it lazily
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        peak["cuda_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+    return peak
+
+
+def memory_line(peak: dict) -> str:
+    """peak_memory() as the one line the method scripts print when they exit."""
+    parts = [f"{peak['host_rss_gib']:.2f} GiB host (peak resident set)"]
+    if "cuda_allocated_gib" in peak:
+        parts.insert(0, f"{peak['cuda_allocated_gib']:.2f} GiB of CUDA tensors ({peak['cuda_reserved_gib']:.2f} GiB "
+                        f"reserved)")
+    return "peak memory: " + ", ".join(parts)
+
+
+def run_main(main_fn, report_memory: bool = False) -> None:
+    """Call main_fn(); bad input / training failure -> one 'error: ...' line on stderr, exit 2, no traceback.
+    Running out of GPU memory is such a failure too: its line names the flags that lower the memory a run
+    needs. report_memory: print the process's peak memory (memory_line) when it ends, however it ends."""
     try:
         main_fn()
     except (DataError, TrainingError, FileNotFoundError) as e:
@@ -1492,6 +1523,18 @@ def run_main(main_fn) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(f"error: {first_line.rstrip('.')}. A smaller --test-batch-size (test) leaves the scores unchanged; a "
+              f"smaller --batch-size (training) changes the run, and is not the paper's where the paper gives one.",
+              file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if report_memory:
+            print(memory_line(peak_memory()), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -982,6 +982,7 @@ def test(model, ds, args, train_time):
           "frame_fpr": float(pred[~labels[valid]].mean()) if (~labels[valid]).any() else None}
     alpha, beta, phi = model.thresholds.tolist()
     extra = {"train_time_s": train_time, "test_fps": fps, "run_protocol": protocol_label(model, args),
+             "peak_memory_gib": common.peak_memory(),
              "backbone": args.backbone_source, "thresholds": {"alpha": alpha, "beta": beta, "phi": phi},
              "operating_point": op, "device": str(device),
              "command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
@@ -1137,4 +1138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, report_memory=True)

@@ -900,7 +900,8 @@ def main(argv=None):
         n = save_panels(args.out, ds, test_frames, results, args)
         print(f"wrote {n} panels to {os.path.join(args.out, 'panels')}")
 
-    extra = {"train_time_s": round(train_time_s, 1), "test_fps": round(test_fps, 1), "run_protocol": protocol}
+    extra = {"train_time_s": round(train_time_s, 1), "test_fps": round(test_fps, 1), "run_protocol": protocol,
+             "peak_memory_gib": common.peak_memory()}
     ucsd = vad_eval.evaluate(scores, maps, ds, normalize=normalize, smooth=args.smooth, pixel_rule="ucsd")
     extra.update(pixel_auc_ucsd=ucsd["pixel_auc"], pixel_eer_ucsd=ucsd["pixel_eer"])
     if args.streams == "both":  # the paper's fusion analysis (section 5.1) from the same pass
@@ -920,4 +921,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, report_memory=True)

@@ -834,6 +834,7 @@ def test(args, ds, generator, discriminator, state):
                     for det, s in scores_by_detector.items()}
     unnormalised = vad_eval.evaluate(frame_scores, maps16, ds, normalize="none", smooth=args.smooth)
     extra = {"train_time_s": state.get("train_time_s"), "test_fps": test_fps, "run_protocol": args.protocol,
+             "peak_memory_gib": common.peak_memory(),
              "detector": args.detector, "lambda_s": lambda_s, "lambda_s_maxima": maxima,
              "image_size": list(args.image_size), "detectors": per_detector, "unnormalized": unnormalised,
              "train_history": state.get("history", []), "command": args.command}
@@ -957,4 +958,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    common.run_main(main, report_memory=True)

@@ -840,6 +840,33 @@ def test_run_main_and_check_finite(capsys):
         common.check_finite(float("inf"), "x")
 
 
+def test_run_main_out_of_gpu_memory_and_peak_memory(capsys):
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB free.\nmore")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(oom, report_memory=True)
+    captured = capsys.readouterr()
+    assert e.value.code == 2
+    assert captured.err.startswith("error: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB free. "
+                                   "A smaller --test-batch-size") and "more" not in captured.err
+    assert captured.out.startswith("peak memory: ") and "GiB host" in captured.out
+    with pytest.raises(ValueError):                     # other errors keep their traceback, and print nothing
+        common.run_main(lambda: int("x"))
+    assert capsys.readouterr().out == ""
+
+
+def test_peak_memory_counts_what_a_process_touches():
+    # a fresh process that fills 400 MiB must report at least that as its peak resident set, and one that
+    # does not must report well under it (the interpreter with numpy is ~30 MiB)
+    code = ("import sys, numpy as np, common; a = np.ones(int(sys.argv[1]) * 2 ** 20, np.uint8); "
+            "print(common.peak_memory()['host_rss_gib'])")
+    big, small = (float(subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True,
+                                       check=True, cwd=REPO).stdout) for n in (400, 1))
+    assert big >= 400 / 1024 and small < 200 / 1024
+    if not torch.cuda.is_available():
+        assert set(common.peak_memory()) == {"host_rss_gib"}
+
+
 def test_cli_summary_and_lazy_import(tmp_path):
     make_ucsd(str(tmp_path))
     proc = subprocess.run([sys.executable, "common.py", "--dataset", "ped2", "--data-root", str(tmp_path), "--summary"],

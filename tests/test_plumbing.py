@@ -3,12 +3,15 @@
 import io
 import random
 import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import common
+from conftest import REPO
 from device_checks import check_prefetch, check_to_device
 
 
@@ -241,3 +244,16 @@ def test_fits_on_device_compares_with_a_fraction_of_free_cuda_memory(monkeypatch
     assert common.fits_on_device(500, "cuda") and not common.fits_on_device(501, "cuda")
     assert common.fits_on_device(250, "cuda", 0.25) and not common.fits_on_device(251, "cuda", 0.25)
     assert not common.fits_on_device(1, "cpu")
+
+
+@pytest.mark.parametrize("script", ["stan.py", "gan_flow.py", "deep_anomaly.py", "gmfc_vae.py", "adv3dae.py"])
+def test_script_entry_point_reports_bad_input_and_its_peak_memory(script, tmp_path):
+    """Each script, run as a user runs it, on a data root without the dataset: one error line naming what is
+    missing (exit 2, no traceback), and its peak memory on stdout however it ended.
+    Catches: a script's entry point not going through common.run_main, or not asking for the memory line."""
+    proc = subprocess.run([sys.executable, script, "--dataset", "ped2", "--data-root", str(tmp_path), "--device",
+                           "cpu", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "UCSDped2" in proc.stderr or "ped2" in proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("peak memory: ") and "GiB host" in proc.stdout
