@@ -304,6 +304,41 @@ def test_train_step_one_discriminator_call_equals_separate_calls():
     assert max((a - b).abs().max().item() for a, b in zip(g_ae, g_rec_only)) > 1e-6
 
 
+def test_discriminator_training_memory_matches_a_count_by_hand():
+    """What D adds to a training step's saved activations (train_step's forward, each storage counted once),
+    counted by hand for one clip at 16x64x96. D sees the clip and its reconstruction (2 clips; float32
+    values, int64 pooling indices). At each of its three levels it keeps the conv's input, the conv's output
+    once (the LeakyReLU runs in place, so the pool's input is that storage) and the pool's indices at the
+    pooled size (2x4x4, ceil mode); then the FC layers' three (2, 256) inputs, and the weights the convs and
+    FC layers keep for the input gradient. Catches: the full-resolution activation saved twice again (+81% for
+    D, 0.2 GiB more per clip at 224x224: 3.3 GiB at the default batch), or any layer that starts saving more."""
+    torch.manual_seed(0)
+    x = torch.zeros(1, 1, 16, 64, 96)
+    ae, disc = Adv3DAE(layers=10), Discriminator3D(size=(64, 96))
+    saved = []            # every saved tensor, in the order autograd saves them; held, so no address is reused
+
+    def keep(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        recon = ae(x)
+        adv3dae.reconstruction_loss(recon, x)
+        num_ae = len(saved)
+        logits = disc(torch.cat([x, recon]))
+        adv3dae.adversarial_loss(logits[1:]), adv3dae.discriminator_loss(logits[:1], logits[1:])
+    storage = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in saved]
+    ae_storages = {ptr for ptr, _ in storage[:num_ae]}
+    added = sum(dict((ptr, n) for ptr, n in storage[num_ae:] if ptr not in ae_storages).values())
+    expected, widths, (t, h, w) = 0, (1, 32, 64, 64), (16, 64, 96)
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        voxels = t * h * w
+        t, h, w = -(-t // 2), -(-h // 4), -(-w // 4)
+        expected += 2 * (c_in * voxels * 4 + c_out * voxels * 4 + c_out * t * h * w * 8)
+    expected += 3 * 2 * 256 * 4
+    expected += 4 * sum(m.weight.numel() for m in disc.modules() if isinstance(m, (nn.Conv3d, nn.Linear)))
+    assert abs(added - expected) < 0.001 * expected, (added, expected)
+
+
 @pytest.mark.parametrize("with_gan", [True, False])
 def test_training_steps_lower_the_reconstruction_loss(with_gan):
     """Steps of Algorithm 1 at the paper's RMSprop lr on one fixed batch of moving-square clips lower L_rec,
