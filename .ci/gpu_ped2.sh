@@ -37,9 +37,9 @@
 #   2. adv3dae at the paper protocol, trained for what the budget allows, then tested (unfinished too);
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
-#      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's and gan_flow's
-#      training steps/s, stan's for its pixel-loss and its adversarial steps), and adv3dae's 6 vs 10 layers
-#      at test batch 1;
+#      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's, gan_flow's
+#      and gmfc_vae's training steps/s, stan's for its pixel-loss and its adversarial steps), and adv3dae's
+#      6 vs 10 layers at test batch 1;
 #   4. with time left: adv3dae --no-gan (Table V), then stan, gan_flow and gmfc_vae at the paper protocol.
 # PHASE=train runs the training parts of these in the same order and tests nothing. Run the script again
 # on the same machine to go on: finished steps are skipped and every paper-protocol training resumes from
@@ -260,15 +260,16 @@ EOF
 FLOWS_PID=$!
 
 # adv3dae, paper protocol; until the throughput runs are done, leave ~240 s for them
-if [ "$PHASE" = train ]; then marker=throughput_train; reserve=120; else marker=throughput; reserve=240; fi
+if [ "$PHASE" = train ]; then marker=throughput_train; reserve=150; else marker=throughput; reserve=240; fi
 if [ -f "$DONE/$marker" ]; then reserve=30; fi
 paper_run adv3dae "$reserve"
 wait $FLOWS_PID
 say "flows ($FLOW_WORKERS processes): $(tr '\r' '\n' <"$LOGS/flows.log" | grep -a '^optical flow' | tr '\n' ';')"
 
 # 3. test throughput on models stopped after a short slice: the AUCs of these runs say nothing about the
-# methods. stan's and gan_flow's slices are long enough for their paper-protocol training steps/s ("last
-# bar"), which sizes their full schedules.
+# methods. stan's, gan_flow's and gmfc_vae's slices are long enough for their paper-protocol training
+# steps/s ("last bar"), which sizes their full schedules (gmfc_vae's first ~20 s on a 2-core CPU go to
+# sampling its 960K patches per stream; at 0.001 min it stopped before its first step and gave no rate).
 if [ ! -f "$DONE/throughput" ]; then
     short_run stan stan.py 0.4 --lambda-s 1
     # the 0.4 min above are all pixel-loss steps; the adversarial step (D's 3D convolutions too) takes 20 of
@@ -276,7 +277,7 @@ if [ ! -f "$DONE/throughput" ]; then
     once stan_adv_short_train 90 python3 stan.py $D --train --resume --max-minutes 0.3 --pretrain-epochs 0 \
         --lambda-s 1 --out "$RUNS/stan_adv_short"
     short_run gan_flow gan_flow.py 0.4 --backbone-weights none
-    short_run gmfc_vae gmfc_vae.py 0.001
+    short_run gmfc_vae gmfc_vae.py 0.75
     short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
     all_done() { for f in "$@"; do [ -f "$DONE/$f" ] || return 1; done; }
     if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then
