@@ -150,13 +150,14 @@ Running on a GPU
   warm-up batch of the same shape runs before the timer, so cuDNN autotuning is not timed. The printed frames/s covers cached frames -> scores.npz (input transfer,
   reconstruction, error maps, eq. 14, writing scores.npz), not model load, warm-up or evaluation.
 - Memory: autograd keeps 0.9 GiB per training clip at 224x224 (the 10-layer net with D, counted with
-  saved-tensor hooks; 0.66 GiB with `--no-gan`), most of it at full resolution (conv1 and D's first layer,
+  saved-tensor hooks; 0.64 GiB with `--no-gan`), most of it at full resolution (conv1 and D's first layer,
   whose LeakyReLU runs in place: 1.1 GiB per clip otherwise), so the default batch of 16 holds ~14 GiB of
-  activations: an H100 or H200 has room, a 24 GB card should too. On the CPU the peak resident set of a
-  training slice on Ped2 was 2.0, 3.4, 6.0 and 22.2 GiB at batches 1, 2, 4 and 16 (1.35 GiB more per clip;
-  26 GiB before the in-place LeakyReLU, more than the 24 GiB machine had: the system killed it in its first
-  step) and 13.9 GiB at batch 16 with `--no-gan`. `--batch-size 8` halves the activations (the paper gives
-  no batch size). The script prints its peak memory when it exits.
+  activations: an H100 or H200 has room; a 24 GB card has not been tried. On the CPU the peak resident set
+  of a training slice on Ped2 was 2.0, 3.4, 6.0 and 22.2 GiB at batches 1, 2, 4 and 16 (1.35 GiB more per
+  clip), and 13.9 GiB at batch 16 with `--no-gan`. Before the LeakyReLU ran in place it took 1.5 GiB more
+  per clip, and batch 16 needed more than the 24 GiB machine had: the system killed it in its first step.
+  `--batch-size 8` halves the activations (the paper gives no batch size). The script prints its peak
+  memory when it exits.
 - bf16 autocast (`--amp`) stays opt-in: the score is the squared difference of a reconstruction and its input,
   both of order 0.05 after mean subtraction, and bf16's ~0.4% relative precision is of the order of the
   normal-vs-abnormal error gap; it has not been measured to change no metric by more than 0.1 point.

@@ -1392,6 +1392,8 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
         raise DataError(f"--device {args.device}: not a torch device ({e})") from None
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {args.device}: CUDA is not available on this machine (expected --device cpu)")
+    if args.device.type == "cuda" and args.device.index is not None:
+        torch.cuda.set_device(args.device)          # the device the CUDA memory statistics (peak_memory) describe
     if getattr(args, "download", False):
         download_dataset(args.dataset, args.data_root)
     return args
@@ -1484,16 +1486,20 @@ def write_json(path: str, obj) -> None:
 def peak_memory() -> dict:
     """This process's peak memory so far, in GiB: the host's peak resident set and, when the process has used
     CUDA, the most the PyTorch allocator held in tensors (max_memory_allocated) and reserved from the driver
-    (max_memory_reserved: what another process on the same GPU could not have). On Linux the host figure is
-    VmHWM from /proc, not getrusage's ru_maxrss, which survives exec: a script started from a large process
-    (a notebook, a test runner) would report its parent's size."""
+    (max_memory_reserved: what another process on the same GPU could not have), on the current device
+    (parse_args makes --device's the current one). On Linux the host figure is VmHWM from /proc, not
+    getrusage's ru_maxrss, which survives exec: a script started from a large process (a notebook, a test
+    runner) would report its parent's size. Where neither exists (Windows) the host figure is None."""
     try:
         with open("/proc/self/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        import resource
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    peak = {"host_rss_gib": round(kib / 2 ** 20, 2)}
+        try:
+            import resource
+            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+        except ImportError:
+            kib = None
+    peak = {"host_rss_gib": None if kib is None else round(kib / 2 ** 20, 2)}
     torch = sys.modules.get("torch")          # imported by the caller if at all: common.py imports it lazily
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -1503,17 +1509,20 @@ def peak_memory() -> dict:
 
 def memory_line(peak: dict) -> str:
     """peak_memory() as the one line the method scripts print when they exit."""
-    parts = [f"{peak['host_rss_gib']:.2f} GiB host (peak resident set)"]
+    parts = []
     if "cuda_allocated_gib" in peak:
-        parts.insert(0, f"{peak['cuda_allocated_gib']:.2f} GiB of CUDA tensors ({peak['cuda_reserved_gib']:.2f} GiB "
-                        f"reserved)")
-    return "peak memory: " + ", ".join(parts)
+        parts.append(f"{peak['cuda_allocated_gib']:.2f} GiB of CUDA tensors ({peak['cuda_reserved_gib']:.2f} GiB "
+                     f"reserved)")
+    if peak["host_rss_gib"] is not None:
+        parts.append(f"{peak['host_rss_gib']:.2f} GiB host (peak resident set)")
+    return "peak memory: " + (", ".join(parts) or "not measurable here")
 
 
 def run_main(main_fn, report_memory: bool = False) -> None:
     """Call main_fn(); bad input / training failure -> one 'error: ...' line on stderr, exit 2, no traceback.
     Running out of GPU memory is such a failure too: its line names the flags that lower the memory a run
-    needs. report_memory: print the process's peak memory (memory_line) when it ends, however it ends."""
+    needs. report_memory: print the process's peak memory (memory_line) when it ends, however it ends (a
+    failure to print it, e.g. into a closed pipe, never replaces the run's own outcome)."""
     try:
         main_fn()
     except (DataError, TrainingError, FileNotFoundError) as e:
@@ -1525,16 +1534,20 @@ def run_main(main_fn, report_memory: bool = False) -> None:
         sys.exit(130)
     except Exception as e:
         torch = sys.modules.get("torch")
-        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+        out_of_memory = None if torch is None else getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+        if out_of_memory is None or not isinstance(e, out_of_memory):
             raise
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-        print(f"error: {first_line.rstrip('.')}. A smaller --test-batch-size (test) leaves the scores unchanged; a "
-              f"smaller --batch-size (training) changes the run, and is not the paper's where the paper gives one.",
-              file=sys.stderr)
+        print(f"error: {first_line.rstrip('.')}. A smaller --test-batch-size lowers what a test needs; a smaller "
+              f"--batch-size lowers what training needs but changes the run (and is not the paper's where the "
+              f"paper gives one).", file=sys.stderr)
         sys.exit(2)
     finally:
         if report_memory:
-            print(memory_line(peak_memory()), flush=True)
+            try:
+                print(memory_line(peak_memory()), flush=True)
+            except Exception:
+                pass
 
 
 # --------------------------------------------------------------------------------------------------

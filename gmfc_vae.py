@@ -1053,7 +1053,8 @@ def main(argv=None):
     if args.test:
         models, checkpoint = load_models(args, streams, device)
         results, fps = test(args, ds, models, checkpoint, gray, device)
-        extra = {"train_time_s": checkpoint.get("train_time_s"), "test_fps": fps, "peak_memory_gib": common.peak_memory(),
+        extra = {"train_time_s": checkpoint.get("train_time_s"), "test_fps": fps,
+                 "peak_memory_gib": common.peak_memory(),
                  "test_fps_covers": "cached frames and flows -> scores.npz, excluding model load and warm-up",
                  "run_protocol": protocol_string(args), "device": str(device),
                  "command": "python gmfc_vae.py " + " ".join(argv)}

@@ -130,7 +130,8 @@ step() {
     local rc=$?
     say "$name: rc $rc in $(($(date +%s) - start))s (limit ${limit}s): $*"
     # the lines a reader wants from the log: throughput, results, warnings, errors
-    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "frames/s|steps/s|copies|AUC|auc|training done|stopped|peak memory|warning|Error|error" \
+    local wanted="frames/s|steps/s|copies|AUC|auc|training done|stopped|peak memory|warning|Error|error"
+    tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "$wanted" \
         | grep -a -v "it/s\]$" | tail -n 12 | sed "s/^/    /" | tee -a "$SUMMARY"
     # and the last progress bar's rate (tqdm's smoothed it/s: the training steps/s of a slice)
     tr '\r' '\n' <"$LOGS/$name.log" | grep -a -E "(it/s|s/it)\]$" | tail -n 1 | sed "s/^/    last bar: /" \

@@ -310,7 +310,7 @@ def test_discriminator_training_memory_matches_a_count_by_hand():
     values, int64 pooling indices). At each of its three levels it keeps the conv's input, the conv's output
     once (the LeakyReLU runs in place, so the pool's input is that storage) and the pool's indices at the
     pooled size (2x4x4, ceil mode); then the FC layers' three (2, 256) inputs, and the weights the convs and
-    FC layers keep for the input gradient. Catches: the full-resolution activation saved twice again (+81% for
+    FC layers keep for the input gradient. Catches: the full-resolution activation saved twice again (+86% for
     D, 0.2 GiB more per clip at 224x224: 3.3 GiB at the default batch), or any layer that starts saving more."""
     torch.manual_seed(0)
     x = torch.zeros(1, 1, 16, 64, 96)

@@ -867,6 +867,17 @@ def test_peak_memory_counts_what_a_process_touches():
         assert set(common.peak_memory()) == {"host_rss_gib"}
 
 
+def test_peak_memory_without_proc_falls_back_to_getrusage(monkeypatch):
+    vmhwm = common.peak_memory()["host_rss_gib"]
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr("builtins.open", no_proc)
+    fallback = common.peak_memory()["host_rss_gib"]
+    assert fallback >= vmhwm - 0.01                     # ru_maxrss: at least this process's own peak
+    assert common.memory_line({"host_rss_gib": None}) == "peak memory: not measurable here"
+
+
 def test_cli_summary_and_lazy_import(tmp_path):
     make_ucsd(str(tmp_path))
     proc = subprocess.run([sys.executable, "common.py", "--dataset", "ped2", "--data-root", str(tmp_path), "--summary"],
