@@ -27,6 +27,11 @@
 # a timeout ~40 s above its budget); with more time, raise them or make more calls of the second kind.
 # When the machine's start took longer, give call 2 the device time left (the device tool's status)
 # minus ~60 s instead of 360: the tool stops a call at the time left, and a stopped call loses its last step.
+# Going on in a later slot: the checkpoint of a FOCUS run that a call leaves unfinished comes back too, in
+# pieces of 15 MB ($OUT/model_RUN.pt.partNN), when under 60 MB (gmfc_vae's is 20 MB, adv3dae's 24, stan's
+# 57; not gan_flow's 1.37 GB). Kept where the next session can reach them (e.g. as carry/ckpt/), they go
+# to the machine in a call of their own before the two above, which then resume from them:
+#   call 0 (carry carry/ckpt): mkdir -p /root/runs/RUN && cat carry/ckpt/model_RUN.pt.part* >/root/runs/RUN/model.pt
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
 # default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train).
@@ -113,6 +118,15 @@ EOF
     for run in $PAPER_RUNS; do
         f=$RUNS/$run/scores.npz
         if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -u "$f" "$OUT/scores_$run.npz"; fi
+    done
+    # a FOCUS run whose training is unfinished: its checkpoint too, in 15 MB pieces (the header says how a
+    # later slot goes on from it)
+    for run in $FOCUS; do
+        f=$RUNS/$run/model.pt
+        rm -f "$OUT/model_$run.pt.part"*
+        if [ ! -f "$DONE/${run}_train" ] && [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 60000000 ]; then
+            split -b 15000000 -d "$f" "$OUT/model_$run.pt.part"
+        fi
     done
     (cd "$RUNS" && tar czf "$OUT/results.tgz.tmp" logs $(ls -d */metrics.json */*_frames.npz 2>/dev/null)) \
         && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
