@@ -10,19 +10,19 @@ ImageNet AlexNet instead of the Caffe ImageNet+Places model, CT read as a 1x1 co
 continuous score for ROC sweeps, auto-encoder trained on a random subset of regions, frames at 320x240.
 
 What the method does:
-    Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three averaged frames
-    built from six consecutive frames form the three channels of the network input,
-    D_t = <I'_t-4, I'_t-2, I'_t> (our reading, see the choices below; frames t-5 .. t: "combining six frames into a three-channel input, we process
-    a cubic patch of video frames at just one forward-pass", section 4.4; the pairs do not overlap, so every
-    one of the six frames enters once). A frozen, ImageNet-pretrained AlexNet cut after conv2 (C1, S1, C2)
-    turns D_t into a grid of regional feature vectors in one fully convolutional pass. G1, a Gaussian fitted
-    to every normal regional feature of the training videos, labels a region normal when its Mahalanobis
-    distance d1 <= beta, abnormal when d1 >= alpha, and "suspicious" in between (eq. 5). Suspicious regions
-    go through CT, a convolutional layer on top of C2 whose kernels are the encoder of a sparse auto-encoder
-    trained on normal C2 features, and G2, a Gaussian on CT features, calls them abnormal when d2 >= phi
-    (eq. 6). Abnormal regions are rolled back to their receptive fields in the frame (51 x 51 pixels for C2);
-    a pixel is abnormal when more than zeta = 3 abnormal receptive fields cover it (section 3.3). A frame is
-    abnormal when any of its pixels is (section 4.2).
+    Every frame I_t is averaged with its predecessor, I'_t = (I_t + I_t-1) / 2, and three averaged frames built
+    from six consecutive frames form the three channels of the network input, D_t = <I'_t-4, I'_t-2, I'_t> (our
+    reading, see the choices below; frames t-5 .. t: "combining six frames into a three-channel input, we
+    process a cubic patch of video frames at just one forward-pass", section 4.4; the pairs do not overlap, so
+    every one of the six frames enters once). A frozen, ImageNet-pretrained AlexNet cut after conv2 (C1, S1, C2)
+    turns D_t into a grid of regional feature vectors in one fully convolutional pass. G1, a Gaussian fitted to
+    every normal regional feature of the training videos, labels a region normal when its Mahalanobis distance
+    d1 <= beta, abnormal when d1 >= alpha, and "suspicious" in between (eq. 5). Suspicious regions go through
+    CT, a convolutional layer on top of C2 whose kernels are the encoder of a sparse auto-encoder trained on
+    normal C2 features, and G2, a Gaussian on CT features, calls them abnormal when d2 >= phi (eq. 6). Abnormal
+    regions are rolled back to their receptive fields in the frame (51 x 51 pixels for C2); a pixel is abnormal
+    when more than zeta = 3 abnormal receptive fields cover it (section 3.3). A frame is abnormal when any of
+    its pixels is (section 4.2).
 
     Continuous scores for ROC curves (the paper sweeps its thresholds but does not say how). We scale all
     three thresholds together, (lambda alpha, lambda beta, lambda phi), and give every region the largest
@@ -904,8 +904,8 @@ def write_panels(test_frames, frame_scores, maps, ds, out_dir, count):
     (map >= 1: more than zeta abnormal receptive fields), green outline = ground-truth mask."""
     if count <= 0:
         return 0
-    ranked = sorted(((float(s), name, t) for name, v in frame_scores.items() for t, s in enumerate(v) if np.isfinite(s)),
-                    reverse=True)
+    ranked = sorted(((float(s), name, t) for name, v in frame_scores.items() for t, s in enumerate(v)
+                     if np.isfinite(s)), reverse=True)
     step = max(1, len(ranked) // (4 * count))      # spread the panels out instead of neighbouring frames
     os.makedirs(out_dir, exist_ok=True)
     written = 0
@@ -941,7 +941,8 @@ def protocol_label(model, args) -> str:
     return (f"{args.dataset} test split; {'paper architecture' if paper else 'NOT the paper architecture'}: "
             f"D_t = <I'_t-4, I'_t-2, I'_t> at {args.image_size[0]}x{args.image_size[1]}, layer C{args.layer}, "
             f"{classifier}, zeta {args.zeta}; backbone: {backbone_text}; our choices (the paper gives none): "
-            f"thresholds alpha/beta/phi = training-distance percentiles {args.alpha_pct}/{args.beta_pct}/{args.phi_pct}, "
+            f"thresholds alpha/beta/phi = training-distance percentiles "
+            f"{args.alpha_pct}/{args.beta_pct}/{args.phi_pct}, "
             f"sparse AE {args.epochs} epochs (Adam, batch {args.batch_size}, lr {args.lr}) on {args.ae_samples} "
             f"regions, continuous cascade score for the ROC sweep; normalize {args.normalize}")
 
@@ -959,7 +960,8 @@ def test(model, ds, args, train_time):
 
     t0 = time.time()            # timed: cached frames -> scores.npz
     frame_scores, maps = score_split(model, localizer, test_frames, args, plan)
-    meta = {"method": "deep_anomaly", "dataset": args.dataset, "protocol": {"normalize": args.normalize, "smooth": args.smooth},
+    meta = {"method": "deep_anomaly", "dataset": args.dataset,
+            "protocol": {"normalize": args.normalize, "smooth": args.smooth},
             "map": f"(zeta+1)-th largest cascade score of the covering receptive fields, zeta={args.zeta}, sampled "
                    f"{localizer.describe()} of the {args.image_size[0]}x{args.image_size[1]} input; >= 1 = abnormal at "
                    f"the paper's thresholds; frame score = its maximum (float32)",
@@ -969,9 +971,10 @@ def test(model, ds, args, train_time):
     num_frames = sum(len(v) for v in test_frames.values())
     fps = num_frames / elapsed
     print(f"test: {num_frames} frames ({plan.num_targets} scored) in {elapsed:.2f} s = {fps:.1f} frames/s "
-          f"(cached frames -> scores.npz: frame cache reads, copies to the device, D_t, C1-S1-C2, G1, CT, G2, zeta maps, "
-          f"frame scores, copy back, writing scores.npz; excludes model load, warm-up and evaluation; "
-          f"{device.type}, {'bf16 autocast convolutions' if use_amp(args) else 'float32'}, batch {args.test_batch_size})")
+          f"(cached frames -> scores.npz: frame cache reads, copies to the device, D_t, C1-S1-C2, G1, CT, G2, "
+          f"zeta maps, frame scores, copy back, writing scores.npz; excludes model load, warm-up and evaluation; "
+          f"{device.type}, {'bf16 autocast convolutions' if use_amp(args) else 'float32'}, "
+          f"batch {args.test_batch_size})")
 
     # the paper's binary detector: a frame is abnormal when its score (max of the map) is >= 1
     labels = np.concatenate([ds.video(n).labels for n in frame_scores]).astype(bool)
@@ -1017,35 +1020,43 @@ def build_parser():
     parser = common.build_parser("deep_anomaly", __doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, choices=(1, 2, 3), default=2,
                         help="AlexNet layer C_k giving the regional features (Table 1); the paper uses 2")
-    parser.add_argument("--hidden", type=int, default=500, help="CT kernels = sparse-AE hidden size (Table 2: 100, 256, 500)")
+    parser.add_argument("--hidden", type=int, default=500,
+                        help="CT kernels = sparse-AE hidden size (Table 2: 100, 256, 500)")
     parser.add_argument("--backbone-weights", default=None,
                         help="'imagenet' (torchvision alexnet-owt-7be5be79.pth via torch.hub), PATH, or 'none' = random "
                              "(default: imagenet; synthetic: none)")
     parser.add_argument("--backbone-url", default=common.ALEXNET_URL, help="URL for --backbone-weights imagenet")
-    parser.add_argument("--no-cascade", action="store_true", help="one Gaussian classifier instead of the G1/G2 cascade")
+    parser.add_argument("--no-cascade", action="store_true",
+                        help="one Gaussian classifier instead of the G1/G2 cascade")
     parser.add_argument("--single-classifier", choices=("g1", "g2"), default="g2",
-                        help="with --no-cascade: g1 = Gaussian on C_k (Table 1, Table 3 'C2 output'), g2 = Gaussian on CT (Table 2)")
+                        help="with --no-cascade: g1 = Gaussian on C_k (Table 1, Table 3 'C2 output'), "
+                             "g2 = Gaussian on CT (Table 2)")
     parser.add_argument("--ct-regions", choices=("suspicious", "all"), default="suspicious",
-                        help="regions whose CT/G2 distance enters the score: the suspicious ones (the paper) or all (exact "
-                             "joint-threshold ROC score everywhere)")
-    parser.add_argument("--alpha", type=float, default=None, help="G1 'abnormal' threshold (default: percentile --alpha-pct)")
-    parser.add_argument("--beta", type=float, default=None, help="G1 'normal' threshold (default: percentile --beta-pct)")
+                        help="regions whose CT/G2 distance enters the score: the suspicious ones (the paper) or "
+                             "all (exact joint-threshold ROC score everywhere)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="G1 'abnormal' threshold (default: percentile --alpha-pct)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="G1 'normal' threshold (default: percentile --beta-pct)")
     parser.add_argument("--phi", type=float, default=None, help="G2 threshold (default: percentile --phi-pct)")
     parser.add_argument("--alpha-pct", type=float, default=99.9, help="alpha = this percentile of training d1")
     parser.add_argument("--beta-pct", type=float, default=90.0, help="beta = this percentile of training d1")
     parser.add_argument("--phi-pct", type=float, default=99.9, help="phi = this percentile of training d2")
-    parser.add_argument("--zeta", type=int, default=3, help="a pixel is abnormal when MORE than zeta abnormal receptive fields cover it")
+    parser.add_argument("--zeta", type=int, default=3,
+                        help="a pixel is abnormal when MORE than zeta abnormal receptive fields cover it")
     parser.add_argument("--cov-eps", type=positive_float, default=1e-3,
                         help="covariance ridge, in units of trace/d (> 0)")
     parser.add_argument("--rho", type=float, default=0.05, help="sparse AE target activation")
     parser.add_argument("--sparsity-weight", type=float, default=3.0, help="weight of the KL sparsity term")
-    parser.add_argument("--weight-decay", type=float, default=3e-3, help="sparse AE weight decay lambda (J has lambda/2 ||W||^2)")
+    parser.add_argument("--weight-decay", type=float, default=3e-3,
+                        help="sparse AE weight decay lambda (J has lambda/2 ||W||^2)")
     parser.add_argument("--ae-samples", type=int, default=None, help="training regions the auto-encoder learns from "
                         "(default 200000; synthetic 50000)")
-    parser.add_argument("--threshold-samples", type=int, default=None, help="training regions for the threshold percentiles "
-                        "(default 200000; synthetic 50000)")
+    parser.add_argument("--threshold-samples", type=int, default=None,
+                        help="training regions for the threshold percentiles (default 200000; synthetic 50000)")
     parser.add_argument("--test-batch-size", type=int, default=None,
-                        help="target frames per forward pass, in training passes and at test (default 32 on CPU, 512 on CUDA)")
+                        help="target frames per forward pass, in training passes and at test (default 32 on CPU, "
+                             "512 on CUDA)")
     return parser
 
 
@@ -1107,7 +1118,8 @@ def main(argv=None):
         if resume_ckpt is not None:
             args.backbone_source = resume_ckpt.get("backbone", "from model.pt")
         else:
-            args.backbone_source = common.load_alexnet_features(model.backbone, args.backbone_weights, args.backbone_url)
+            args.backbone_source = common.load_alexnet_features(model.backbone, args.backbone_weights,
+                                                                args.backbone_url)
         print(f"deep_anomaly: {args.dataset}, input {args.image_size[0]}x{args.image_size[1]}, layer C{args.layer}, "
               f"hidden {args.hidden}, {args.backbone_source}, device {args.device}")
         train_time = train(model, ds, args, argv, resume_ckpt)
@@ -1117,7 +1129,8 @@ def main(argv=None):
         ckpt = load_model_checkpoint(ckpt_path)
         saved = ckpt["args"]
         if ckpt.get("stage") != "done":
-            raise common.DataError(f"{ckpt_path}: training did not finish (stage {ckpt.get('stage')}); run --train --resume")
+            raise common.DataError(f"{ckpt_path}: training did not finish (stage {ckpt.get('stage')}); "
+                                   f"run --train --resume")
         model = DeepAnomaly(int(saved["layer"]), int(saved["hidden"]))
         model.load_state_dict(ckpt["model"])
         trained_ct = not (saved.get("no_cascade") and saved.get("single_classifier") == "g1")
