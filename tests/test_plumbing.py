@@ -255,5 +255,5 @@ def test_script_entry_point_reports_bad_input_and_its_peak_memory(script, tmp_pa
                            "cpu", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert "UCSDped2" in proc.stderr or "ped2" in proc.stderr
+    assert "ped2" in proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("peak memory: ") and "GiB host" in proc.stdout
