@@ -163,6 +163,8 @@ Running on a GPU
   normal-vs-abnormal error gap; it has not been measured to change no metric by more than 0.1 point.
   Without `--amp`, CUDA runs the convolutions in cuDNN's TF32 (PyTorch's default; a 10-bit mantissa, 8x
   finer than bf16's 7 bits), so GPU scores differ from CPU ones by more than fp32 rounding (not measured).
+  CUDA's max-unpooling takes bfloat16 only from PyTorch 2.5 on; with an older PyTorch, `--amp` unpools in
+  float32.
 - `--channels-last` (channels_last_3d) is opt-in as well: it has not been measured on a GPU yet (with one
   input channel and max-pooling indices it may not pay); scores are the same either way (tested on CPU).
 
@@ -213,6 +215,9 @@ TRAINING_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "no_n
                  "flow", "flow_method", "epochs", "batch_size", "lr", "train_step", "skip_strides", "protocol_note")
 # Settings that fix the shapes of the weights: a --resume must not change them.
 ARCHITECTURE_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "flow")
+# CUDA's max-unpooling kernels take bfloat16 from PyTorch 2.5 on (the CPU's always did); before that, --amp
+# runs the unpooling in float32 and the next de-convolution casts back to bfloat16.
+UNPOOL_TAKES_BF16 = torch.__version__ >= (2, 5)
 LOSS_CHECK_EVERY = 50                  # steps between the NaN/inf checks of the summed losses (one host sync)
 
 
@@ -311,6 +316,8 @@ class Adv3DAE(nn.Module):
             x = self.decoder_deconvs[i](x)
             if i > 0:
                 indices, size = switches[i - 1]
+                if x.dtype == torch.bfloat16 and not UNPOOL_TAKES_BF16:
+                    x = x.float()                   # --amp on CUDA with PyTorch < 2.5 (see UNPOOL_TAKES_BF16)
                 x = self.unpools[i - 1](x, indices, output_size=size)
         return x
 

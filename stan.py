@@ -717,6 +717,15 @@ def score_videos(generator, discriminator, frames_by_video, batch_size, map_pool
     return pixel_terms, disc_terms, maps
 
 
+def score_video(generator, discriminator, frames, lambda_s, detector="gd", batch_size=64, map_pool=4, amp=False):
+    """One video, for use as a library: frames (T, H, W) uint8 at the model's input size -> (raw per-frame
+    scores (T,) float64 of the detector, NaN for the first and last five frames; pooled pixel-loss maps).
+    lambda_s comes from lambda_s_rule() on the training split's term_maxima()."""
+    device = next(generator.parameters()).device
+    pixel, disc, maps = score_videos(generator, discriminator, {"video": frames}, batch_size, map_pool, device, amp)
+    return detector_scores(pixel["video"], disc["video"], detector, lambda_s), maps["video"]
+
+
 def warm_up(generator, discriminator, batch_size, image_size, map_pool, device, amp=False):
     """One chunk of the test shape through the test path, so cuDNN autotuning happens before the timer."""
     frames = torch.zeros((batch_size + 2 * NEIGHBOURS, *image_size), dtype=torch.uint8, device=device)

@@ -175,6 +175,23 @@ def test_decoder_unpools_at_the_encoders_locations():
     assert bool((unpooled[is_max] != 0).float().mean() > 0.9)
 
 
+@pytest.mark.parametrize("takes_bf16", [True, False])
+def test_amp_unpools_in_float32_where_the_kernel_lacks_bfloat16(monkeypatch, takes_bf16):
+    """Under bf16 autocast every unpooling gets bfloat16 where the kernel takes it and float32 where it does not
+    (CUDA before PyTorch 2.5), and the output stays the autocast one. Catches: the float32 fallback dropped
+    (a crash on those CUDA builds) or applied everywhere (float32 maps in memory on every --amp run)."""
+    monkeypatch.setattr(adv3dae, "UNPOOL_TAKES_BF16", takes_bf16)
+    torch.manual_seed(3)
+    ae = Adv3DAE(1, (4, 4, 4, 4, 4), layers=10).eval()
+    dtypes = []
+    for unpool in ae.unpools:
+        unpool.register_forward_hook(lambda m, inp, out: dtypes.append(inp[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ae(torch.randn(1, 1, 16, 32, 32))
+    assert dtypes == [torch.bfloat16 if takes_bf16 else torch.float32] * 4
+    assert out.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------------------------- noise
 
 def test_noise_on_in_training_off_in_testing():

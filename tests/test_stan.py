@@ -450,6 +450,11 @@ def test_score_videos_equals_per_window_forward():
             np.testing.assert_allclose(maps[t], expected_map.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(maps[0], maps[5])
     np.testing.assert_array_equal(maps[16], maps[11])
+    # the one-video library entry point: eq. 5's gd score from the same terms, and the same maps
+    scores, video_maps = stan.score_video(generator, discriminator, frames.numpy(), lambda_s=0.3, batch_size=4)
+    np.testing.assert_allclose(scores[5:-5], pixel[5:-5] + 0.3 * disc[5:-5], rtol=1e-12)
+    assert np.isnan(scores[:5]).all() and np.isnan(scores[-5:]).all()
+    np.testing.assert_array_equal(video_maps, maps)
 
 
 def test_score_videos_does_not_depend_on_the_chunk_size_or_the_other_videos():
