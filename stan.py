@@ -130,7 +130,8 @@ Deviations (from the paper, with reasons)
       scales each coordinate by its own gradient history, so a small gradient that keeps its sign moves G
       as far per step as a large one: the norm ratio does not bound what the realism term does.
 
-Test path (the scores are those of the per-window computation above, to float rounding)
+Test path (the scores are those of the per-window computation above, to float rounding; on CUDA, to
+TF32 rounding, about 1e-3 relative, since the rewrites sum convolutions in another order)
     Three exact rewrites avoid recomputing what neighbouring windows share; tests check each against the
     straightforward per-window computation:
     - D has temporal stride 1 and no temporal padding, so D run once over L consecutive frames gives the

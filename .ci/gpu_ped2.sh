@@ -10,7 +10,7 @@
 # and adv3dae together: after a first slot has brought back deep_anomaly and every script's throughput and
 # training steps/s, give each later slot to one method with FOCUS (the runs of run_command below; several
 # go in order, the next only once the one before is tested).
-# A FOCUS call trains (resumed) for all its budget but FOCUS_RESERVE seconds (default 150; 10 with
+# A FOCUS call trains (resumed) for all its budget but FOCUS_RESERVE seconds (default 150; 60 with
 # PHASE=train), then tests; the same two calls as below apply, the first with PHASE=train.
 #
 # Ped2 is larger than one transfer to a lent GPU machine (64 MiB a call, checkout included), so it goes in
@@ -21,8 +21,10 @@
 #   tar czf carry/ped2/test.tgz -C ../shared/data UCSDped2/Test       # 46 MB (the BMP masks compress)
 #   call 1 (carry carry/ped2/train.tar): mkdir -p /root/data && tar xf carry/ped2/train.tar -C /root/data
 #          && PHASE=train bash .ci/gpu_ped2.sh 300
-#   call 2 (carry carry/ped2/test.tgz):  rm -rf /root/data/UCSDped2/Test
+#   call 2 (carry carry/ped2/test.tgz, and carry/deep_anomaly_cpu if there): rm -rf /root/data/UCSDped2/Test
 #          && tar xzf carry/ped2/test.tgz -C /root/data && bash .ci/gpu_ped2.sh 360
+# Make call 2 as soon as call 1 returns: the machine is given back ~30 s after a call, and a call that finds
+# a bare machine (no training split) stops at once with an error. So does a machine where torch sees no CUDA.
 # These budgets fit 15 minutes of device time with the machine's start and the transfers (give each call
 # a timeout ~40 s above its budget); with more time, raise them or make more calls of the second kind.
 # When the machine's start took longer, give call 2 the device time left (the device tool's status)
@@ -34,7 +36,8 @@
 #   call 0 (carry carry/ckpt): mkdir -p /root/runs/RUN && cat carry/ckpt/model_RUN.pt.part* >/root/runs/RUN/model.pt
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
-# default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train).
+# default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train),
+# ALLOW_CPU=1 (a rehearsal of the ped2 calls on a machine without CUDA).
 #
 # In order of what a short slot should bring back first:
 #   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s
@@ -64,7 +67,9 @@ OUT=${OUT:-${RUNS}_out}
 PHASE=${PHASE:-all}
 FOCUS=${FOCUS:-}
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
-if [ "$PHASE" = train ]; then FOCUS_RESERVE=${FOCUS_RESERVE:-10}; else FOCUS_RESERVE=${FOCUS_RESERVE:-150}; fi
+# (with PHASE=train, the slack for a slice that ends late: each script's --max-minutes clock starts after
+# its start-up, and it finishes its step and saves after the clock runs out)
+if [ "$PHASE" = train ]; then FOCUS_RESERVE=${FOCUS_RESERVE:-60}; else FOCUS_RESERVE=${FOCUS_RESERVE:-150}; fi
 # run_command RUN: RUN_COMMAND = the script and flags of the paper-protocol run named RUN (paper_run, FOCUS)
 PAPER_RUNS="deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae"
 run_command() {
@@ -102,29 +107,41 @@ say() { echo "[$(($(date +%s) - T0))s] $*" | tee -a "$SUMMARY"; }
 # $OUT/results.tgz, and the paper-protocol runs' full scores.npz beside it when under 16 MB. Called after
 # every step, so a call cut short by the device's own limit still brings back all but its last step.
 pack() {
-    python3 - "$RUNS" <<'EOF'
-import glob, os, sys
+    python3 - "$RUNS" "$OUT" $PAPER_RUNS <<'EOF'
+import glob, os, shutil, sys
 import numpy as np
-for path in glob.glob(os.path.join(sys.argv[1], "*", "scores*.npz")):
+runs, out, paper_runs = sys.argv[1], sys.argv[2], sys.argv[3:]
+newer = lambda a, b: not os.path.exists(b) or os.path.getmtime(b) < os.path.getmtime(a)
+for path in glob.glob(os.path.join(runs, "*", "scores*.npz")):
     frames = path[:-4] + "_frames.npz"
-    if path.endswith("_frames.npz") or (os.path.exists(frames) and os.path.getmtime(frames) >= os.path.getmtime(path)):
+    if path.endswith("_frames.npz") or not newer(path, frames):
         continue
     with np.load(path, allow_pickle=False) as z:
         kept = {k: z[k] for k in z.files if not k.startswith("map/")}
     np.savez(frames + ".tmp.npz", **kept)
     os.replace(frames + ".tmp.npz", frames)
+# the paper-protocol runs' full scores.npz, compressed when over the 16 MB a returned file may have
+for run in paper_runs:
+    path, copy = os.path.join(runs, run, "scores.npz"), os.path.join(out, f"scores_{run}.npz")
+    if not os.path.exists(path) or not newer(path, copy):
+        continue
+    if os.path.getsize(path) < 16_000_000:
+        shutil.copy2(path, copy)
+        continue
+    with np.load(path, allow_pickle=False) as z:
+        np.savez_compressed(copy + ".tmp.npz", **{k: z[k] for k in z.files})
+    if os.path.getsize(copy + ".tmp.npz") < 16_000_000:
+        os.replace(copy + ".tmp.npz", copy)
+    else:
+        os.remove(copy + ".tmp.npz")
 EOF
     local run f
-    for run in $PAPER_RUNS; do
-        f=$RUNS/$run/scores.npz
-        if [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 16000000 ]; then cp -u "$f" "$OUT/scores_$run.npz"; fi
-    done
-    # a FOCUS run whose training is unfinished: its checkpoint too, in 15 MB pieces (the header says how a
-    # later slot goes on from it)
+    # a FOCUS run not yet done (training unfinished, or its test not yet run): its checkpoint too, in 15 MB
+    # pieces (the header says how a later slot goes on from it)
     for run in $FOCUS; do
         f=$RUNS/$run/model.pt
         rm -f "$OUT/model_$run.pt.part"*
-        if [ ! -f "$DONE/${run}_train" ] && [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 60000000 ]; then
+        if [ ! -f "$DONE/$run" ] && [ -f "$f" ] && [ "$(stat -c %s "$f")" -lt 60000000 ]; then
             split -b 15000000 -d "$f" "$OUT/model_$run.pt.part"
         fi
     done
@@ -199,6 +216,10 @@ short_run() {
 }
 
 say "call $CALL ($PHASE): budget ${BUDGET}s, dataset $DATASET under $DATA_ROOT, runs in $RUNS${FOCUS:+, FOCUS $FOCUS}"
+if [ "$DATASET" = ped2 ] && [ ! -d "$DATA_ROOT/UCSDped2/Train" ]; then
+    # e.g. call 2 on a fresh machine: the last call's was given back, and its data and runs with it
+    say "error: no $DATA_ROOT/UCSDped2/Train (a bare machine?); unpack carry/ped2/train.tar there first"; exit 3
+fi
 test_dir=$DATA_ROOT/UCSDped2/Test
 if [ "$DATASET" = ped2 ] && [ "$PHASE" = train ] && [ ! -d "$test_dir" ]; then
     # the stand-in test split: one normal video of two training frames (nothing is tested in this phase)
@@ -210,6 +231,11 @@ if [ "$PHASE" != train ] && [ -f "$test_dir/STAND-IN" ]; then
     say "error: $test_dir is the stand-in of PHASE=train; unpack the real test split there first"; exit 2
 fi
 step env 60 bash -c 'nvidia-smi -L; nproc; python3 -c "import torch, cv2, sklearn; print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\", \"opencv\", cv2.__version__)"'
+if [ "$DATASET" = ped2 ] && [ "${ALLOW_CPU:-0}" != 1 ] \
+        && ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    say "error: torch sees no CUDA device, so every script would run on the CPU; nothing run (ALLOW_CPU=1 runs anyway)"
+    pack; exit 3
+fi
 if [ "$DATASET" = ped2 ]; then step summary 60 python3 common.py $D --summary; fi
 # the device copies every test path uses (pinned staging, side stream, resident splits), checked on CUDA
 # against the host data before anything relies on them (pytest is not on the machine)
@@ -240,6 +266,13 @@ once deep_anomaly_train 240 python3 deep_anomaly.py $D --train --backbone-weight
     --out "$RUNS/deep_anomaly"
 if [ "$PHASE" != train ]; then
     once deep_anomaly_test 120 python3 deep_anomaly.py $D --test --backbone-weights none --out "$RUNS/deep_anomaly"
+    # the model behind the README's CPU row, when carried (carry/deep_anomaly_cpu/model.pt, 13 MB; it fits
+    # beside test.tgz): tested here, it tells a difference of the GPU's test path from one of its training
+    if [ -f carry/deep_anomaly_cpu/model.pt ]; then
+        mkdir -p "$RUNS/deep_anomaly_cpu_model" && cp -u carry/deep_anomaly_cpu/model.pt "$RUNS/deep_anomaly_cpu_model/"
+        once deep_anomaly_cpu_model_test 90 python3 deep_anomaly.py $D --test --backbone-weights none \
+            --out "$RUNS/deep_anomaly_cpu_model"
+    fi
     # the same model tested with --amp (bf16 convolutions), the faster opt-in setting: its frames/s and metrics
     if [ -f "$RUNS/deep_anomaly/model.pt" ]; then
         mkdir -p "$RUNS/deep_anomaly_amp" && cp -u "$RUNS/deep_anomaly/model.pt" "$RUNS/deep_anomaly_amp/"
@@ -253,7 +286,7 @@ import sys
 import deep_anomaly as da
 gathered = da.DeepAnomaly.region_scores
 da.DeepAnomaly.region_scores = lambda self, *a, **k: gathered(self, *a, **{**k, "gather": False})
-da.main(sys.argv[1:])
+da.common.run_main(lambda: da.main(sys.argv[1:]), report_memory=True)
 PY
     fi
 fi
