@@ -555,7 +555,7 @@ def difference_maps(frame_img, flow_img, G_f2o, G_o2f, alexnet, streams, semanti
             real_and_generated = F.interpolate(real_and_generated, size=(semantic_size, semantic_size),
                                                mode="bilinear", align_corners=False)
         h_real, h_generated = alexnet(real_and_generated).chunk(2)
-        delta_S = (h_real - h_generated).float().norm(dim=1)
+        delta_S = (h_real.float() - h_generated.float()).norm(dim=1)    # the difference in fp32 under --amp too
     return delta_O, delta_S, generated_flow, generated_frame
 
 
@@ -875,10 +875,13 @@ def main(argv=None):
     trained = (f"{epochs_done} epochs" + (f" + {steps_done} steps" if steps_done else "") +
                ("" if epochs_done >= args.epochs else f" of {args.epochs} (unfinished)"))
     label = protocol_label(args, backbone)
+    cuda = args.device.type == "cuda"
+    precision = "bf16 autocast" if args.amp and cuda else "fp32 (TF32 convolutions)" if cuda else "fp32"
     protocol = (f"gan_flow {args.streams}, {size[0]}x{size[1]}, ngf {config['ngf']}, ndf {config['ndf']}, "
                 f"trained {trained}, train step {args.train_step}, batch {args.batch_size}, "
                 f"jitter {args.jitter}, {backbone}, AlexNet input {args.semantic_size}, "
-                f"flow {config['flow_method']}, lambda {args.lambda_motion}, pixel rule strict (paper); {label}")
+                f"flow {config['flow_method']}, lambda {args.lambda_motion}, pixel rule strict (paper), "
+                f"{precision}; {label}")
     normalize = args.normalize or "none"
 
     def meta_for(stream):

@@ -104,9 +104,11 @@ Choices the paper leaves open (documented, not deviations)
 - A video with a single frame has no flow: its motion-stream and fused scores are NaN ("cannot score"), kept as
   such in scores.npz; its map cells take the run's lowest map value (maps must be finite).
 - Precision: fp32 by default, on CUDA too (cuDNN's TF32 is turned off: its 10-bit mantissa, like bf16's 7
-  bits, is coarse against a tight cluster's sigma). `--amp` (CUDA only, opt-in) runs the convolutions in bf16 autocast but F5/F6,
-  the latent and the energies always in fp32 (a bf16 mean has ~3 significant digits, a large fraction of a
-  tight cluster's sigma); its effect on the metrics has not been measured. channels_last at test.
+  bits, is coarse against a tight cluster's sigma). `--amp` (CUDA only, opt-in) runs C1..C4 (and, in
+  training, the decoder) in bf16 autocast, for the GMM initialisation's and E_ref's latents too, but
+  F5/F6, the latent and the energies in fp32 (a bf16 mean has ~3 significant digits, a large fraction of a
+  tight cluster's sigma; F5 still sees C4's bf16-rounded output); its effect on the metrics has not been
+  measured. channels_last at test.
 
 Deviations
 ----------
@@ -214,8 +216,8 @@ Training in slices
 ------------------
 `--max-minutes M` stops at the next training step once M minutes have passed, writes model.pt atomically
 (weights, mixture, optimiser, phase / epoch / step, RNG states) and prints the command that continues
-(`--resume`); a run cut into slices ends with the same weights as an uninterrupted one (same seed, same
-device). The patch order of an epoch is a permutation drawn from a generator seeded by (seed, phase, epoch),
+(`--resume`); a run cut into slices ends with the same weights as an uninterrupted one (bit for bit on the
+CPU; on CUDA to rounding, since cuDNN may pick other algorithms after a restart). The patch order of an epoch is a permutation drawn from a generator seeded by (seed, phase, epoch),
 so it is recomputed, not stored. A test-only run (`--test`) takes every training setting (size, window,
 flow mapping, epochs, ...) from model.pt and warns about a command-line flag that disagrees.
 
@@ -534,15 +536,17 @@ def epoch_order(num_patches: int, seed: int, phase: str, epoch: int):
 def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, budget, desc: str):
     """Continue one pass over the sampled patches from step prog['step']; phase 'pretrain' (auto-encoder,
     squared error) or 'vade' (equation 14). Stops before a step once the time budget has run out.
-    Returns (finished, loss means of the steps run now)."""
+    Returns (finished, loss means of the steps run now, plus their "steps_per_s")."""
     model.train()
     order = epoch_order(len(patches), args.seed, phase, prog["epoch"]).to(patches.device)
     steps = math.ceil(len(patches) / args.batch_size)
     monitor = common.LossMonitor(every=50)
     autocast = args.amp and device.type == "cuda"
+    first_step, t_first, finished = prog["step"], None, True
     for step in tqdm(range(prog["step"], steps), desc=desc, leave=False):
         if budget.expired():
-            return False, monitor.means(f"{desc} step {step}")
+            finished = False
+            break
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         x = to_input(on_device(patches[idx], device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -558,27 +562,36 @@ def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, b
         optimizer.step()
         monitor.add(f"{desc} step {step}", loss=loss, rec=rec, kl=kl)
         prog["step"] = step + 1
-    return True, monitor.means(f"{desc} end")
+        if step == first_step:          # the rate leaves out the first step (cuDNN autotuning on CUDA)
+            common.synchronize(device)
+            t_first = time.time()
+    common.synchronize(device)          # the GPU runs ahead of the loop: the rate counts finished steps
+    timed_steps = prog["step"] - first_step - 1
+    stats = monitor.means(f"{desc} " + ("end" if finished else f"step {prog['step']}"))
+    stats["steps_per_s"] = timed_steps / max(time.time() - t_first, 1e-9) if timed_steps > 0 else float("nan")
+    return finished, stats
 
 
 @torch.no_grad()
-def encode_latents(model, patches, idx, device, batch: int = 4096):
-    """Encoder means (fp32, on CPU) of patches[idx] (idx a sorted numpy index array)."""
+def encode_latents(model, patches, idx, device, amp: bool = False, batch: int = 4096):
+    """Encoder means (fp32, on CPU) of patches[idx] (idx a sorted numpy index array); with amp (CUDA), the
+    trunk in bf16 as in training and at test."""
     model.eval()
     out = []
     for s in range(0, len(idx), batch):
         sel = torch.from_numpy(idx[s:s + batch]).to(patches.device)
-        out.append(model.encode_mean(to_input(on_device(patches[sel], device))).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(model.encode_mean(to_input(on_device(patches[sel], device))).cpu())
     return torch.cat(out) if out else torch.zeros(0, LATENT_DIM)
 
 
 @torch.no_grad()
-def init_mixture_from_latents(model, patches, components: int, max_fit: int, seed: int, device):
+def init_mixture_from_latents(model, patches, components: int, max_fit: int, seed: int, device, amp=False):
     """VaDE initialisation: fit a diagonal GMM to the pre-trained encoder means and copy (pi, mu, sigma^2)."""
     from sklearn.mixture import GaussianMixture
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(patches), size=min(max_fit, len(patches)), replace=False))
-    latents = encode_latents(model, patches, idx, device).numpy().astype(np.float64)
+    latents = encode_latents(model, patches, idx, device, amp).numpy().astype(np.float64)
     gmm = GaussianMixture(components, covariance_type="diag", random_state=seed, max_iter=200).fit(latents)
     model.pi_logits.copy_(torch.from_numpy(np.log(np.maximum(gmm.weights_, 1e-12))).float())
     model.mu_c.copy_(torch.from_numpy(gmm.means_).float())
@@ -592,11 +605,11 @@ def init_mixture_from_latents(model, patches, components: int, max_fit: int, see
 
 
 @torch.no_grad()
-def energy_reference(model, patches, seed: int, device) -> float:
+def energy_reference(model, patches, seed: int, device, amp: bool = False) -> float:
     """E_ref of the stored maps: the 99th percentile of the energies of up to 10,000 training patches."""
     rng = np.random.default_rng(seed + 7)
     idx = np.sort(rng.choice(len(patches), size=min(REFERENCE_PATCHES, len(patches)), replace=False))
-    latents = encode_latents(model, patches, idx, device)
+    latents = encode_latents(model, patches, idx, device, amp)
     energies = sample_energy(latents, *[p.detach().cpu() for p in model.mixture_params()])
     return float(np.percentile(energies.numpy(), 99))
 
@@ -685,6 +698,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
     # fused Adam on CUDA: the default schedule is 384,000 small steps (9,600 an epoch, 20 epochs, two streams),
     # so per-tensor optimizer kernels would be a large share of each step (the CPU keeps the default)
     fused = device.type == "cuda"
+    amp = args.amp and device.type == "cuda"     # the precision of training, also for the latents fitted on
 
     for stream in streams:
         model, prog = models[stream], progress[stream]
@@ -709,11 +723,13 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                 done, stats = run_epoch(model, optimizer, patches, args, device, phase, prog, budget,
                                         f"[{stream}] {label} {prog['epoch'] + 1}/{epochs}")
                 opt_state = {"stream": stream, "phase": phase, "state": optimizer.state_dict()}
+                rate = f"{stats['steps_per_s']:.1f} steps/s (batch {args.batch_size})"
                 if not done:
                     save(opt_state)
+                    print(f"[{stream}] {label} epoch {prog['epoch'] + 1}/{epochs}: training {rate}")
                     return False
                 prog.update(epoch=prog["epoch"] + 1, step=0)
-                print(f"[{stream}] {label} epoch {prog['epoch']}/{epochs}: {summary(stats)}")
+                print(f"[{stream}] {label} epoch {prog['epoch']}/{epochs}: {summary(stats)}, {rate}")
                 if prog["epoch"] == epochs and on_last_epoch is not None:
                     on_last_epoch()
                 save(opt_state)
@@ -728,7 +744,8 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                              lambda stats: f"mse-sum {stats.get('loss', float('nan')):.3f}"):
                 return False
             # 2) initialise pi, mu_c, sigma_c^2 from a diagonal GMM on the pre-trained latents
-            gmm = init_mixture_from_latents(model, patches, args.components, args.gmm_fit_patches, args.seed, device)
+            gmm = init_mixture_from_latents(model, patches, args.components, args.gmm_fit_patches, args.seed, device,
+                                            amp)
             print(f"[{stream}] GMM initialised on {min(args.gmm_fit_patches, len(patches))} latents "
                   f"(converged={gmm.converged_}, mean log-likelihood {gmm.lower_bound_:.2f})")
             prog.update(phase="vade", epoch=0, step=0)
@@ -740,7 +757,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
         restore(optimizer, "vade")
 
         def store_energy_reference():    # E_ref of the maps, from the final model, in the last checkpoint
-            run["energy_reference"][stream] = energy_reference(model, patches, args.seed, device)
+            run["energy_reference"][stream] = energy_reference(model, patches, args.seed, device, amp)
 
         if not run_phase("vade", optimizer, args.epochs,
                          lambda stats: f"loss {stats.get('loss', float('nan')):.3f} (rec "
@@ -972,7 +989,7 @@ def protocol_string(args) -> str:
     ours = (f"our choices where the paper gives none: {args.pretrain_epochs} AE pre-training + {args.epochs} VaDE "
             f"epochs, {args.flow_method} flow, moving pixel = frame difference > {args.motion_threshold:g}, "
             f">= {args.min_moving_pixels} per training patch, GMM init on {args.gmm_fit_patches} latents"
-            + (", bf16 autocast (F5/F6 and energies fp32)" if args.amp else ""))
+            + (", bf16 autocast (F5/F6 and energies fp32)" if args.amp and args.device.type == "cuda" else ""))
     return f"{head}; {ours}; raw sample energy (normalize none)"
 
 
