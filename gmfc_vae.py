@@ -216,10 +216,24 @@ Training in slices
 ------------------
 `--max-minutes M` stops at the next training step once M minutes have passed, writes model.pt atomically
 (weights, mixture, optimiser, phase / epoch / step, RNG states) and prints the command that continues
-(`--resume`); a run cut into slices ends with the same weights as an uninterrupted one (bit for bit on the
-CPU; on CUDA to rounding, since cuDNN may pick other algorithms after a restart). The patch order of an epoch is a permutation drawn from a generator seeded by (seed, phase, epoch),
-so it is recomputed, not stored. A test-only run (`--test`) takes every training setting (size, window,
-flow mapping, epochs, ...) from model.pt and warns about a command-line flag that disagrees.
+(`--resume`); a run cut into slices ends with the same weights as an uninterrupted one, bit for bit on the
+CPU; on CUDA only close to them (cuDNN may pick other algorithms after a restart, and the CUDA-graph steps
+below draw their own noise). The patch order of an epoch is a permutation drawn from a generator seeded by
+(seed, phase, epoch), so it is recomputed, not stored. A test-only run (`--test`) takes every training
+setting (size, window, flow mapping, epochs, ...) from model.pt and warns about a command-line flag that
+disagrees.
+
+Training speed
+--------------
+The default schedule is 378,000 steps of 100 patches (both streams, 20 epochs each), and one step is ~280
+small kernels, so on a GPU eager PyTorch would spend most of each step launching them. On CUDA each step
+is therefore captured once as a CUDA graph and replayed (`GraphedTrainStep`; `--no-cuda-graphs` runs it
+eagerly), with fused, capturable Adam; the training patches stay on the GPU as uint8 where they fit. The
+replayed kernels are the eager ones, so the arithmetic is the same; the sampling layer's noise is drawn by the
+graph, so a graphed run's draws differ from an eager run's. A check on the GPU compares the two steps
+(tests/device_checks.py: the same losses and weights without noise, close losses with it) and measures
+both rates in one run; the speed-up on a GPU has not been measured yet. Each epoch prints its
+synchronised steps/s.
 
 Test throughput
 ---------------
@@ -240,10 +254,12 @@ Usage
         --pretrain-lr 1e-3                                          # the reduced CPU protocol
 """
 
+import argparse
 import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -533,9 +549,77 @@ def epoch_order(num_patches: int, seed: int, phase: str, epoch: int):
     return torch.randperm(num_patches, generator=gen)
 
 
-def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, budget, desc: str):
+def train_step(model, optimizer, x, phase: str, autocast: bool):
+    """One step on the float batch x: forward, the auto-encoder's squared error (phase 'pretrain') or eq. 14
+    ('vade'), backward, Adam. Returns the (loss, rec, kl) tensors without waiting for the device."""
+    # (autocast's cache of cast weights off: each weight is used once per step, and a CUDA graph must not
+    # keep cast copies from its capture)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+        x_rec, mu, logvar, z = model(x, sample=(phase == "vade"))
+    x_rec = x_rec.float()
+    if phase == "pretrain":
+        loss = ((x - x_rec) ** 2).flatten(1).sum(1).mean()
+        rec, kl = loss, torch.zeros_like(loss)
+    else:
+        loss, rec, kl = vade_loss(x, x_rec, mu, logvar, z, *model.mixture_params())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, rec, kl
+
+
+class GraphedTrainStep:
+    """train_step captured once as a CUDA graph and replayed for every full batch (CUDA only).
+
+    At batch 100 of 28x28 patches a step is ~280 small kernels, so eager PyTorch spends its time launching
+    them (the default schedule has 378,000 such steps); a replay launches the whole step at once. The first
+    WARMUP steps run eagerly on a side stream (PyTorch's recipe: lazy initialisation stays out of the
+    capture), then the next full batch is captured and replayed; a batch of another shape (the last of an
+    epoch) runs eagerly. The replayed kernels are the eager ones, so the arithmetic is the same; the
+    sampling layer's noise comes from the graph's own draws of the CUDA generator, not from the sequence an
+    eager run would draw. The optimizer must be built with capturable=True."""
+    WARMUP = 3
+
+    def __init__(self, model, optimizer, phase: str, autocast: bool, batch_size: int):
+        self.step = lambda x: train_step(model, optimizer, x, phase, autocast)
+        self.optimizer, self.batch_size, self.steps_run = optimizer, batch_size, 0
+        self.graph = self.static_x = self.static_out = None
+
+    def __call__(self, x):
+        with warnings.catch_warnings():        # torch warns that a capturable optimizer is stepped uncaptured
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            out = self.replay_or_run(x)
+        self.steps_run += 1
+        return out
+
+    def replay_or_run(self, x):
+        if self.steps_run < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(x)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None and len(x) == self.batch_size:
+            self.static_x = x.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.static_out = self.step(self.static_x)
+            self.graph.replay()                # capturing runs nothing: this replay is the step on x
+            return self.static_out
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.graph.replay()
+            return self.static_out
+        return self.step(x)
+
+
+def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, budget, desc: str,
+              step_fn=None):
     """Continue one pass over the sampled patches from step prog['step']; phase 'pretrain' (auto-encoder,
-    squared error) or 'vade' (equation 14). Stops before a step once the time budget has run out.
+    squared error) or 'vade' (equation 14). Stops before a step once the time budget has run out. step_fn:
+    batch -> (loss, rec, kl) tensors, e.g. a GraphedTrainStep (default: train_step).
     Returns (finished, loss means of the steps run now, plus their "steps_per_s")."""
     model.train()
     order = epoch_order(len(patches), args.seed, phase, prog["epoch"]).to(patches.device)
@@ -543,23 +627,14 @@ def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, b
     monitor = common.LossMonitor(every=50)
     autocast = args.amp and device.type == "cuda"
     first_step, t_first, finished = prog["step"], None, True
+    if step_fn is None:
+        step_fn = lambda x: train_step(model, optimizer, x, phase, autocast)
     for step in tqdm(range(prog["step"], steps), desc=desc, leave=False):
         if budget.expired():
             finished = False
             break
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x = to_input(on_device(patches[idx], device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            x_rec, mu, logvar, z = model(x, sample=(phase == "vade"))
-        x_rec = x_rec.float()
-        if phase == "pretrain":
-            loss = ((x - x_rec) ** 2).flatten(1).sum(1).mean()
-            rec, kl = loss, torch.zeros((), device=device)
-        else:
-            loss, rec, kl = vade_loss(x, x_rec, mu, logvar, z, *model.mixture_params())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, rec, kl = step_fn(to_input(on_device(patches[idx], device)))
         monitor.add(f"{desc} step {step}", loss=loss, rec=rec, kl=kl)
         prog["step"] = step + 1
         if step == first_step:          # the rate leaves out the first step (cuDNN autotuning on CUDA)
@@ -699,6 +774,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
     # so per-tensor optimizer kernels would be a large share of each step (the CPU keeps the default)
     fused = device.type == "cuda"
     amp = args.amp and device.type == "cuda"     # the precision of training, also for the latents fitted on
+    graphs = args.cuda_graphs and device.type == "cuda"     # GraphedTrainStep: its optimizer is capturable
 
     for stream in streams:
         model, prog = models[stream], progress[stream]
@@ -719,9 +795,10 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
             """This stream's epochs of one phase from where prog stands, a checkpoint after each; False when
             the time budget stopped it (the position within the epoch is saved)."""
             label = "pretrain" if phase == "pretrain" else "VaDE"
+            step_fn = GraphedTrainStep(model, optimizer, phase, amp, args.batch_size) if graphs else None
             while prog["epoch"] < epochs:
                 done, stats = run_epoch(model, optimizer, patches, args, device, phase, prog, budget,
-                                        f"[{stream}] {label} {prog['epoch'] + 1}/{epochs}")
+                                        f"[{stream}] {label} {prog['epoch'] + 1}/{epochs}", step_fn)
                 opt_state = {"stream": stream, "phase": phase, "state": optimizer.state_dict()}
                 rate = f"{stats['steps_per_s']:.1f} steps/s (batch {args.batch_size})"
                 if not done:
@@ -738,7 +815,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
         # 1) pre-training as a plain (deterministic) auto-encoder on the network weights
         if prog["phase"] == "pretrain":
             optimizer = torch.optim.Adam(model.non_mixture_parameters(), lr=args.pretrain_lr,
-                                         weight_decay=args.weight_decay, fused=fused)
+                                         weight_decay=args.weight_decay, fused=fused, capturable=graphs)
             restore(optimizer, "pretrain")
             if not run_phase("pretrain", optimizer, args.pretrain_epochs,
                              lambda stats: f"mse-sum {stats.get('loss', float('nan')):.3f}"):
@@ -753,7 +830,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
         # 3) VaDE on the loss of eq. 14; no weight decay on the mixture parameters
         optimizer = torch.optim.Adam([{"params": model.non_mixture_parameters(), "weight_decay": args.weight_decay},
                                       {"params": list(model.mixture_params()), "weight_decay": 0.0}], lr=args.lr,
-                                     fused=fused)
+                                     fused=fused, capturable=graphs)
         restore(optimizer, "vade")
 
         def store_energy_reference():    # E_ref of the maps, from the final model, in the last checkpoint
@@ -999,6 +1076,9 @@ def build_parser():
                         help="appearance (rgb), motion (dynamic flow) or both fused by eq. 18 (default both; a "
                              "two-stream run also reports each stream alone)")
     parser.add_argument("--components", type=int, default=20, help="K, Gaussian-mixture components (Table V)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, replay each training step as one captured CUDA graph (default on; "
+                             "--no-cuda-graphs runs it eagerly)")
     parser.add_argument("--window", type=int, default=None,
                         help="t: a dynamic flow pools t + 1 flows (paper 20; synthetic 8)")
     parser.add_argument("--flow-window", choices=("forward", "centred"), default="forward",

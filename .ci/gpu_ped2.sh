@@ -32,7 +32,9 @@
 # Going on in a later slot: the checkpoint of a FOCUS run that a call leaves unfinished comes back too, in
 # pieces of 15 MB ($OUT/model_RUN.pt.partNN), when under 60 MB (gmfc_vae's is 20 MB, adv3dae's 24, stan's
 # 57; not gan_flow's 1.37 GB). Kept where the next session can reach them (e.g. as carry/ckpt/), they go
-# to the machine in a call of their own before the two above, which then resume from them:
+# to the machine in a call of their own before the two above, which then resume from them (where nothing
+# but the repository outlasts a session, they cannot be kept: size a FOCUS run to finish in its slot, by
+# the steps/s of the first slot):
 #   call 0 (carry carry/ckpt): mkdir -p /root/runs/RUN && cat carry/ckpt/model_RUN.pt.part* >/root/runs/RUN/model.pt
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
@@ -66,6 +68,7 @@ RUNS=${RUNS:-/root/runs}
 OUT=${OUT:-${RUNS}_out}
 PHASE=${PHASE:-all}
 FOCUS=${FOCUS:-}
+GMFC_FLAGS=""                        # --no-cuda-graphs when the CUDA-graph check below fails
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
 # (with PHASE=train, the slack for a slice that ends late: each script's --max-minutes clock starts after
 # its start-up, and it finishes its step and saves after the clock runs out)
@@ -80,7 +83,7 @@ run_command() {
         adv3dae_l6) RUN_COMMAND=(adv3dae.py --layers 6) ;;
         stan) RUN_COMMAND=(stan.py) ;;
         gan_flow) RUN_COMMAND=(gan_flow.py --backbone-weights none) ;;
-        gmfc_vae) RUN_COMMAND=(gmfc_vae.py) ;;
+        gmfc_vae) RUN_COMMAND=(gmfc_vae.py $GMFC_FLAGS) ;;
         *) return 1 ;;
     esac
 }
@@ -249,6 +252,21 @@ if torch.cuda.is_available():
     check_to_device("cuda", pathlib.Path(tempfile.mkdtemp()))
 print("device copies:", "ok" if torch.cuda.is_available() else "no CUDA, nothing checked")
 PY
+# gmfc_vae's CUDA-graph training step (its default on CUDA) against its eager step, with the speed-up; if it
+# fails, this call's gmfc_vae runs step eagerly
+if ! once cuda_graph_step 90 python3 - <<'PY'
+import sys
+import torch
+sys.path.insert(0, "tests")
+from device_checks import check_graphed_training_step
+if torch.cuda.is_available():
+    eager, graphed = check_graphed_training_step("cuda")
+    print(f"gmfc_vae CUDA-graph training step: ok; VaDE steps/s eager {eager:.0f}, graphed {graphed:.0f} "
+          f"({graphed / eager:.2f}x, batch 100)")
+else:
+    print("gmfc_vae CUDA-graph training step: no CUDA, nothing checked")
+PY
+then GMFC_FLAGS=--no-cuda-graphs; say "gmfc_vae runs with --no-cuda-graphs in this call"; fi
 
 # FOCUS: only the named paper-protocol runs, in order, each trained (resumed) for all the budget but
 # FOCUS_RESERVE seconds and then tested; a run that is not done stops the list
@@ -325,7 +343,7 @@ if [ ! -f "$DONE/throughput" ]; then
     once stan_adv_short_train 90 python3 stan.py $D --train --resume --max-minutes 0.3 --pretrain-epochs 0 \
         --lambda-s 1 --out "$RUNS/stan_adv_short"
     short_run gan_flow gan_flow.py 0.4 --backbone-weights none
-    short_run gmfc_vae gmfc_vae.py 0.75
+    short_run gmfc_vae gmfc_vae.py 0.75 $GMFC_FLAGS
     short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
     all_done() { for f in "$@"; do [ -f "$DONE/$f" ] || return 1; done; }
     if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then

@@ -43,3 +43,42 @@ def check_to_device(device, tmp_path):
     np.testing.assert_array_equal(common.to_device(strided, device).cpu().numpy(), strided)
     as_float = common.to_device(videos[2], device, torch.float32)
     assert as_float.dtype == torch.float32 and as_float.cpu().numpy().tolist() == np.asarray(videos[2]).tolist()
+
+
+def check_graphed_training_step(device, timed_steps: int = 300):
+    """gmfc_vae's GraphedTrainStep against its eager train_step, from the same weights (CUDA only). The
+    pre-training phase draws no noise, so warm-up, capture, replays, an eager short batch and replays after
+    it must give the eager losses and weights to rounding; the VaDE phase (its sampling noise comes from the
+    graph's own draws) must give finite losses close to the eager ones. Returns the eager and graphed
+    steps/s of the VaDE step, measured in this one run."""
+    import time
+    import gmfc_vae as gm
+    torch.manual_seed(0)
+    patches = torch.randint(0, 256, (1000, 1, 28, 28), dtype=torch.uint8, device=device)
+    full = [gm.to_input(patches[i:i + 100]) for i in range(0, 1000, 100)]
+    batches = full[:7] + [gm.to_input(patches[:30])] + full[7:]       # the short batch after 3 replays
+    results, rates = {}, {}
+    for phase in ("pretrain", "vade"):
+        for graphed in (False, True):
+            torch.manual_seed(1)
+            model = gm.GMFCVAE().to(device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=graphed)
+            step = (gm.GraphedTrainStep(model, optimizer, phase, False, 100) if graphed
+                    else lambda x: gm.train_step(model, optimizer, x, phase, False))
+            losses = [float(step(x)[0].detach()) for x in batches]
+            results[phase, graphed] = losses, [p.detach().clone() for p in model.parameters()]
+            if phase == "vade":
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(timed_steps):
+                    step(full[i % len(full)])
+                torch.cuda.synchronize()
+                rates[graphed] = timed_steps / (time.perf_counter() - t0)
+    (eager, w_eager), (graphed, w_graphed) = results["pretrain", False], results["pretrain", True]
+    np.testing.assert_allclose(graphed, eager, rtol=1e-4)
+    for a, b in zip(w_graphed, w_eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    (eager, _), (graphed, _) = results["vade", False], results["vade", True]
+    assert np.isfinite(graphed).all(), graphed
+    assert abs(np.mean(graphed) - np.mean(eager)) < 0.05 * abs(np.mean(eager)), (graphed, eager)
+    return rates[False], rates[True]
