@@ -194,6 +194,7 @@ Usage
 """
 
 import json
+import math
 import os
 import time
 
@@ -645,7 +646,7 @@ def train(args, ds, streams: dict, sources: dict, models: dict, stats: dict, sta
             order = shuffle.permutation(len(specs))
         order_dev = torch.from_numpy(order).to(device)     # one copy per epoch
         first = start_step if epoch == start_epoch else 0
-        t0 = time.time()
+        t0, rate = time.time(), common.StepRate(device)
         for step in tqdm(range(first, num_batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False):
             rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
             where = f"epoch {epoch + 1} step {step + 1}"
@@ -659,12 +660,17 @@ def train(args, ds, streams: dict, sources: dict, models: dict, stats: dict, sta
                 losses = train_step(m["ae"], m["disc"], m["opt_ae"], m["opt_d"], x, args.lambda_adv, amp)
                 monitor.add(f"{where} stream {name}", **{f"{name}_{k}": v for k, v in losses.items()})
                 last_batch[name] = x
+            rate.step_done()
             if budget.expired() and step + 1 < num_batches:
+                if math.isfinite(rate.rate()):      # (NaN when the slice stopped at the first step of an epoch)
+                    print(f"training: {rate.rate():.2f} steps/s (batch {args.batch_size} clips of {args.clip_len} "
+                          f"frames{', ' + str(len(streams)) + ' streams' if len(streams) > 1 else ''})")
                 monitor.check(where)                       # never save non-finite weights
                 save_model(args, models, stats, {"epoch": epoch, "step": step + 1}, order, shuffle, elapsed())
                 common.report_time_stop(__file__, argv, ckpt_path, f"epoch {epoch + 1} step {step + 1}/{num_batches}",
                                         budget)
                 return elapsed(), False
+        steps_per_s = rate.rate()
         means = monitor.means(f"end of epoch {epoch + 1}")
         summary = "  ".join(f"L_{k}={v:.5g}" for k, v in means.items())
         for name, x in last_batch.items():      # one extra forward/backward per epoch and stream
@@ -673,7 +679,7 @@ def train(args, ds, streams: dict, sources: dict, models: dict, stats: dict, sta
                 summary += f"  {name} |grad L_rec| {rec:.3g} |grad lambda L_adv| {adv:.3g} (ratio {adv / max(rec, 1e-30):.2g})"
         last_batch.clear()
         print(f"epoch {epoch + 1}/{args.epochs}  {summary}  ({time.time() - t0:.1f}s, steps {first + 1}-{num_batches}"
-              f" of {num_batches}, {len(specs)} clips)")
+              f" of {num_batches}, {steps_per_s:.2f} steps/s, {len(specs)} clips)")
         order = None
         save_model(args, models, stats, {"epoch": epoch + 1, "step": 0}, None, shuffle, elapsed())
         if budget.expired() and epoch + 1 < args.epochs:

@@ -40,7 +40,7 @@ What lives here (names starting with `_` are private):
   loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling,
   `peak_memory`; for time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`,
   `resume_checkpoint`, `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`,
-  `to_device`, `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`.
+  `to_device`, `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`, `StepRate`.
 * `download` / `download_dataset` (`--download`, only when the user asks): the public archives with a
   progress bar and their published sha256 (UCSD, Avenue), unpacked into a temp folder and renamed into
   place; `load_alexnet_features` for torchvision's ImageNet AlexNet weights.
@@ -1847,6 +1847,28 @@ def synchronize(device) -> None:
     import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepRate:
+    """Training steps/s of a stretch of a loop, the first step left out (cuDNN autotuning and lazy set-up on
+    CUDA): call step_done() after each step and rate() at the end. The device is synchronised only after
+    the first step and in rate(), so the GPU still runs ahead of the loop in between and the figure counts
+    finished steps, not queued ones. rate() is NaN when fewer than two steps ran."""
+
+    def __init__(self, device):
+        self.device, self.steps, self.t_first = device, 0, None
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if self.steps == 1:
+            synchronize(self.device)
+            self.t_first = time.time()
+
+    def rate(self) -> float:
+        if self.steps < 2:
+            return float("nan")
+        synchronize(self.device)
+        return (self.steps - 1) / max(time.time() - self.t_first, 1e-9)
 
 
 # --------------------------------------------------------------------------------------------------

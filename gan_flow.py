@@ -489,7 +489,7 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
         order = split.order_indices(progress["order"])
         for net in nets.values():
             net.train()
-        t0, first_step = time.time(), progress["step"]
+        t0, first_step, rate = time.time(), progress["step"], common.StepRate(device)
         stopped = False
         bar = tqdm(range(first_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for step in bar:
@@ -503,19 +503,13 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
             where = f"epoch {epoch + 1} step {step + 1}"
             monitor.add(where, f2o_D=f2o[0], f2o_G=f2o[1], f2o_L1=f2o[2], o2f_D=o2f[0], o2f_G=o2f[1], o2f_L1=o2f[2])
             progress["step"] = step + 1
-            if step == first_step:          # the rate leaves out the first step (cuDNN autotuning on CUDA)
-                common.synchronize(device)
-                t_first = time.time()
+            rate.step_done()
             if budget.expired() and step + 1 < steps_per_epoch:
                 stopped = True
                 break
         common.synchronize(device)
-        now = time.time()
-        elapsed = now - t0
+        steps_per_s, elapsed = rate.rate(), time.time() - t0
         train_time_s += elapsed
-        timed_steps = progress["step"] - first_step - 1
-        steps_per_s = (timed_steps / max(now - t_first, 1e-9) if timed_steps > 0
-                       else (progress["step"] - first_step) / max(elapsed, 1e-9))
         if stopped:
             save(f"epoch {epoch + 1} step {progress['step']}")
             print(f"training: {steps_per_s:.2f} steps/s (one step = a D and a G update of both cGANs, batch "

@@ -626,7 +626,7 @@ def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, b
     steps = math.ceil(len(patches) / args.batch_size)
     monitor = common.LossMonitor(every=50)
     autocast = args.amp and device.type == "cuda"
-    first_step, t_first, finished = prog["step"], None, True
+    rate, finished = common.StepRate(device), True
     if step_fn is None:
         step_fn = lambda x: train_step(model, optimizer, x, phase, autocast)
     for step in tqdm(range(prog["step"], steps), desc=desc, leave=False):
@@ -637,13 +637,9 @@ def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, b
         loss, rec, kl = step_fn(to_input(on_device(patches[idx], device)))
         monitor.add(f"{desc} step {step}", loss=loss, rec=rec, kl=kl)
         prog["step"] = step + 1
-        if step == first_step:          # the rate leaves out the first step (cuDNN autotuning on CUDA)
-            common.synchronize(device)
-            t_first = time.time()
-    common.synchronize(device)          # the GPU runs ahead of the loop: the rate counts finished steps
-    timed_steps = prog["step"] - first_step - 1
+        rate.step_done()
     stats = monitor.means(f"{desc} " + ("end" if finished else f"step {prog['step']}"))
-    stats["steps_per_s"] = timed_steps / max(time.time() - t_first, 1e-9) if timed_steps > 0 else float("nan")
+    stats["steps_per_s"] = rate.rate()
     return finished, stats
 
 

@@ -168,6 +168,7 @@ Usage
     OMP_NUM_THREADS=1 python stan.py ...                     # often faster on a CPU shared with other jobs
 """
 import json
+import math
 import os
 import sys
 import time
@@ -589,7 +590,7 @@ def train(args, ds, generator, discriminator, argv):
         adversarial = epoch >= args.pretrain_epochs
         phase = "adversarial" if adversarial else "pretrain"
         order = data.epoch_order(args.seed, epoch)
-        started = time.time()
+        started, rate = time.time(), common.StepRate(args.device)
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{total_epochs} {phase}", leave=False)
         while step < steps_per_epoch:
             window = data.batch(order, step, args.batch_size)
@@ -600,19 +601,23 @@ def train(args, ds, generator, discriminator, argv):
             step += 1
             monitor.add(f"epoch {epoch + 1} step {step}", **losses)
             bar.update(1)
+            rate.step_done()
             if step < steps_per_epoch and budget.expired():
                 bar.close()
+                if math.isfinite(rate.rate()):      # (NaN when the slice stopped at the first step of an epoch)
+                    print(f"training: {rate.rate():.2f} {phase} steps/s (batch {args.batch_size})")
                 save()
                 report_stop()
                 return None
         bar.close()
+        steps_per_s = rate.rate()
         means = monitor.means(f"epoch {epoch + 1}")          # one host sync per epoch (and every 50 steps)
         history.append({"epoch": epoch + 1, "phase": phase, **means, "seconds": time.time() - started})
         summary = f"epoch {epoch + 1}/{total_epochs} [{phase}] pixel {means['pixel']:.3f}"
         if adversarial:
             summary += (f" realism {means['realism']:.4f} L_D {means['d']:.4f} D(real) {means['d_real']:.3f} "
                         f"D(fake) {means['d_fake']:.3f}")
-        print(f"{summary} ({time.time() - started:.1f}s)")
+        print(f"{summary} ({time.time() - started:.1f}s, {steps_per_s:.2f} steps/s)")
         epoch, step = epoch + 1, 0
         save()
         common.write_json(os.path.join(args.out, "train_log.json"), history)

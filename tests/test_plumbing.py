@@ -58,6 +58,24 @@ def test_time_budget_expires_after_its_minutes(monkeypatch):
     assert not unlimited.expired()
 
 
+def test_step_rate_leaves_out_the_first_step_and_synchronises(monkeypatch):
+    """Catches: the first step counted (its cuDNN autotuning would lower the rate), the timer started before
+    it, or a rate read without waiting for the device."""
+    clock, synced = [50.0], []
+    monkeypatch.setattr(common.time, "time", lambda: clock[0])
+    monkeypatch.setattr(common, "synchronize", lambda device: synced.append(clock[0]))
+    rate = common.StepRate("cuda")
+    clock[0] += 7.0                          # the first step, slow
+    rate.step_done()
+    for _ in range(4):                       # four more, 0.5 s each
+        clock[0] += 0.5
+        rate.step_done()
+    assert rate.rate() == pytest.approx(4 / 2.0) and synced == [57.0, 59.0]
+    single = common.StepRate("cpu")
+    single.step_done()
+    assert np.isnan(single.rate())
+
+
 def test_continue_command_adds_resume_once_and_quotes():
     """Catches: --resume appended twice, or arguments with spaces left unquoted."""
     cmd = common.continue_command("/x/stan.py", ["--train", "--out", "runs/a b", "--max-minutes", "9"])
