@@ -11,7 +11,9 @@
 # training steps/s, give each later slot to one method with FOCUS (the runs of run_command below; several
 # go in order, the next only once the one before is tested).
 # A FOCUS call trains (resumed) for all its budget but FOCUS_RESERVE seconds (default 150; 60 with
-# PHASE=train), then tests; the same two calls as below apply, the first with PHASE=train.
+# PHASE=train), then tests; the same two calls as below apply, the first with PHASE=train. FOCUS_FLAGS
+# adds flags to those runs (e.g. FOCUS_FLAGS=--amp where the first slot's rates say that only bf16 fits the
+# schedule into one slot; each script's run_protocol then names the change; keep the same flags in both calls).
 #
 # Ped2 is larger than one transfer to a lent GPU machine (64 MiB a call, checkout included), so it goes in
 # two pieces, in calls made back to back while the machine stays warm (carry/ is git-ignored). The first
@@ -48,8 +50,8 @@
 #      meanwhile gan_flow's and gmfc_vae's Farneback flows are computed on the CPU cores (flow frames/s);
 #   3. test throughput of stan, gan_flow, gmfc_vae and the 6-layer adv3dae on models stopped after a
 #      short slice (their frames/s at the paper's input size; their AUCs mean nothing; stan's, gan_flow's
-#      and gmfc_vae's training steps/s, stan's for its pixel-loss and its adversarial steps), and adv3dae's
-#      6 vs 10 layers at test batch 1;
+#      and gmfc_vae's training steps/s, stan's for its pixel-loss and its adversarial steps), adv3dae's
+#      training steps/s with --amp and with --amp --channels-last, and its 6 vs 10 layers at test batch 1;
 #   4. with time left: adv3dae --no-gan (Table V), then stan, gan_flow and gmfc_vae at the paper protocol.
 # PHASE=train runs the training parts of these in the same order and tests nothing. Run the script again
 # on the same machine to go on: finished steps are skipped and every paper-protocol training resumes from
@@ -68,6 +70,7 @@ RUNS=${RUNS:-/root/runs}
 OUT=${OUT:-${RUNS}_out}
 PHASE=${PHASE:-all}
 FOCUS=${FOCUS:-}
+FOCUS_FLAGS=${FOCUS_FLAGS:-}         # flags added to each FOCUS run's command (e.g. --amp)
 GMFC_FLAGS=""                        # --no-cuda-graphs when the CUDA-graph check below fails
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
 # (with PHASE=train, the slack for a slice that ends late: each script's --max-minutes clock starts after
@@ -86,6 +89,7 @@ run_command() {
         gmfc_vae) RUN_COMMAND=(gmfc_vae.py $GMFC_FLAGS) ;;
         *) return 1 ;;
     esac
+    if [ -n "$FOCUS" ]; then RUN_COMMAND+=($FOCUS_FLAGS); fi
 }
 for run in $FOCUS; do
     if ! run_command "$run"; then echo "error: FOCUS names '$run'; runs: $PAPER_RUNS" >&2; exit 2; fi
@@ -345,6 +349,12 @@ if [ ! -f "$DONE/throughput" ]; then
     short_run gan_flow gan_flow.py 0.4 --backbone-weights none
     short_run gmfc_vae gmfc_vae.py 0.75 $GMFC_FLAGS
     short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
+    # adv3dae's training steps/s in bf16 autocast, then with channels_last_3d as well (both opt-in and not
+    # yet measured): whether its paper schedule fits one slot that way (fp32: the paper run's own rate)
+    once adv3dae_amp_short_train 75 python3 adv3dae.py $D --train --max-minutes 0.3 --amp \
+        --out "$RUNS/adv3dae_amp_short"
+    once adv3dae_amp_cl_short_train 75 python3 adv3dae.py $D --train --max-minutes 0.3 --amp --channels-last \
+        --out "$RUNS/adv3dae_amp_cl_short"
     all_done() { for f in "$@"; do [ -f "$DONE/$f" ] || return 1; done; }
     if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then
         touch "$DONE/throughput_train"
