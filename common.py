@@ -40,7 +40,8 @@ What lives here (names starting with `_` are private):
   loaded with `weights_only=True`, `scores.npz` / `metrics.json` writers, `run_main` error handling,
   `peak_memory`; for time-boxed, resumable training and a fed GPU: `TimeBudget`, `report_time_stop`,
   `resume_checkpoint`, `get_rng_state` / `set_rng_state`, `restore_training_args`, `LossMonitor`,
-  `to_device`, `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`, `StepRate`.
+  `to_device`, `prefetch_to_device`, `concat_to_device`, `batch_segments`, `pad_batch`, `synchronize`,
+  `StepRate`, `GraphedStep`.
 * `download` / `download_dataset` (`--download`, only when the user asks): the public archives with a
   progress bar and their published sha256 (UCSD, Avenue), unpacked into a temp folder and renamed into
   place; `load_alexnet_features` for torchvision's ImageNet AlexNet weights.
@@ -63,6 +64,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -1847,6 +1849,75 @@ def synchronize(device) -> None:
     import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+
+
+class GraphedStep:
+    """A training step, step(*inputs) -> output tensors (forward, losses, backward, optimizer steps), captured
+    once as a CUDA graph and replayed (CUDA only; PyTorch's whole-network capture recipe).
+
+    A step of small kernels (a batch of small patches, or a batch of one image) is paced by eager PyTorch
+    launching them one by one; a replay launches the whole step at once. The first `warmup` calls run
+    eagerly on a side stream, so lazy set-up (cuBLAS/cuDNN handles, optimizer state) stays out of the
+    capture; the next call whose inputs have `batch_size` rows is captured and replayed; inputs of another
+    shape (an epoch's short last batch) run eagerly. The replayed kernels are the eager ones, and each
+    replay advances the CUDA generator as the eager step would, so random draws (dropout, a sampling layer)
+    should be those of an eager run too (the GPU check in tests/device_checks.py reports whether they are).
+    A capture that fails warns and leaves every later call eager. The outputs of a replay are the graph's
+    static tensors: read them (e.g. LossMonitor.add) before the next call. After an eager call following
+    the capture, `p.grad` holds that call's gradients while replays use the graph's own buffers: nothing
+    may read `p.grad` between steps. The optimizers must be built with capturable=True."""
+
+    def __init__(self, step, optimizers, batch_size: int, warmup: int = 3):
+        self.step, self.optimizers, self.batch_size, self.warmup = step, list(optimizers), batch_size, warmup
+        self.calls, self.graph, self.static_inputs, self.static_out = 0, None, None, None
+        self.eager_only = False
+
+    def eager(self, inputs, side_stream=False):
+        import torch
+        with warnings.catch_warnings():        # torch warns that a capturable optimizer is stepped uncaptured
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            if not side_stream:
+                return self.step(*inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+
+    def capture(self, inputs):
+        import torch
+        self.static_inputs = [x.clone() for x in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)          # the gradients are allocated by the capture
+        with torch.cuda.graph(self.graph):
+            self.static_out = self.step(*self.static_inputs)
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.eager(inputs, side_stream=True)
+        if self.graph is None and not self.eager_only and len(inputs[0]) == self.batch_size:
+            try:
+                self.capture(inputs)
+            except Exception as error:     # a capture runs no kernel: weights and optimizer state are as before
+                print(f"warning: CUDA-graph capture of the training step failed ({type(error).__name__}: "
+                      f"{' '.join(str(error).split())[:200]}); stepping eagerly (as --no-cuda-graphs)", file=sys.stderr)
+                self.graph, self.static_inputs, self.static_out, self.eager_only = None, None, None, True
+                for optimizer in self.optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                return self.eager(inputs)
+            self.graph.replay()                # capturing runs nothing: this replay is the step on `inputs`
+            return self.static_out
+        if self.graph is not None and [x.shape for x in inputs] == [x.shape for x in self.static_inputs]:
+            for static, x in zip(self.static_inputs, inputs):
+                static.copy_(x)
+            self.graph.replay()
+            return self.static_out
+        return self.eager(inputs)
 
 
 class StepRate:

@@ -93,7 +93,16 @@ Runs, speed and reproducibility
       the end of each epoch's or slice's first step, which includes cuDNN's autotuning on CUDA). Losses are
       summed on the device and checked for NaN/inf every 50 steps and at each epoch end (common.LossMonitor),
       not synced every step. On CUDA the training split is held on the GPU (uint8 frames, float16 flows)
-      when it fits in half of the free memory, and the jitter runs there.
+      when it fits in half of the free memory, and the jitter runs there. At batch 1 a step is ~1,100 small
+      kernels, so eager PyTorch would spend it launching them: on CUDA each cGAN's step (D then G, with
+      fused, capturable Adam) is captured once as a CUDA graph and replayed (common.GraphedStep;
+      `--no-cuda-graphs` runs it eagerly; a capture that fails warns and steps eagerly). The replayed
+      kernels are the eager ones, and each replay advances the CUDA generator as an eager step would, so the
+      dropout draws (the noise z) should be an eager run's too; a run resumed on CUDA is close to an
+      uninterrupted one, not bit for bit (cuDNN may pick other algorithms after a restart).
+      tests/device_checks.py compares the graphed and eager steps on the GPU (with dropout off: the same
+      losses and weights; with it: close losses, and whether the draws agree) and measures both rates in
+      one run; the speed-up has not been measured on a GPU yet.
     - Test-only runs (`--test`) build no discriminators or optimisers and take every training setting they
       report from the checkpoint (a differing command-line flag is ignored with a warning).
     - The test path streams the split's (frame, flow) pairs, videos laid end to end, through one fixed batch
@@ -134,6 +143,7 @@ Usage
     python gan_flow.py --dataset ped2 --data-root ../shared/data --test --backbone-weights none
 """
 
+import argparse
 import json
 import math
 import os
@@ -428,10 +438,11 @@ def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
     return loss_D.detach(), loss_G.detach(), l1.detach()
 
 
-def make_optimizers(net, lr, beta1):
-    # fused Adam: one kernel per step instead of one per tensor (batch 1 makes the update a large share)
-    return (torch.optim.Adam(net.G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True),
-            torch.optim.Adam(net.D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True))
+def make_optimizers(net, lr, beta1, capturable=False):
+    # fused Adam: one kernel per step instead of one per tensor (batch 1 makes the update a large share);
+    # capturable for the CUDA-graph training step
+    return (torch.optim.Adam(net.G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True, capturable=capturable),
+            torch.optim.Adam(net.D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True, capturable=capturable))
 
 
 def build_networks(config, device, discriminators=True):
@@ -473,8 +484,15 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
         train_time_s = checkpoint.get("train_time_s", 0.0)
         if "rng" in checkpoint:
             common.set_rng_state(checkpoint["rng"], {"sampler": sampler})
+    graphs = args.cuda_graphs and device.type == "cuda"
     print(f"training on {len(pairs)} normal (frame, flow) pairs, {args.epochs} epochs of {steps_per_epoch} steps, "
-          f"batch {args.batch_size}, jitter {args.jitter}, split held on {'the device' if split.on_device else 'the host'}")
+          f"batch {args.batch_size}, jitter {args.jitter}, split held on "
+          f"{'the device' if split.on_device else 'the host'}{', steps replayed as CUDA graphs' if graphs else ''}")
+    # one pix2pix step of each cGAN on (source, target) batches; on CUDA each captured once and replayed
+    steps = {name: (lambda x, y, name=name: pix2pix_step(nets[name], *opts[name], x, y, args.l1_weight, amp))
+             for name in ("f2o", "o2f")}
+    if graphs:
+        steps = {name: common.GraphedStep(step, opts[name], args.batch_size) for name, step in steps.items()}
     monitor = common.LossMonitor(every=50)
 
     def save(where):
@@ -498,8 +516,8 @@ def train(args, config, split, nets, opts, checkpoint, budget, argv):
             if args.jitter == "on":
                 frame_img, flow_img = apply_jitter(frame_img, flow_img,
                                                    *draw_jitter(sampler, len(frame_img), size, load_size), load_size)
-            f2o = pix2pix_step(nets["f2o"], *opts["f2o"], frame_img, flow_img, args.l1_weight, amp)
-            o2f = pix2pix_step(nets["o2f"], *opts["o2f"], flow_img, frame_img, args.l1_weight, amp)
+            f2o = steps["f2o"](frame_img, flow_img)
+            o2f = steps["o2f"](flow_img, frame_img)
             where = f"epoch {epoch + 1} step {step + 1}"
             monitor.add(where, f2o_D=f2o[0], f2o_G=f2o[1], f2o_L1=f2o[2], o2f_D=o2f[0], o2f_G=o2f[1], o2f_L1=o2f[2])
             progress["step"] = step + 1
@@ -751,6 +769,9 @@ def main(argv=None):
     parser.add_argument("--ngf", type=int, default=None, help="generator base width (pix2pix 64; synthetic 32)")
     parser.add_argument("--ndf", type=int, default=None, help="discriminator base width (pix2pix 64; synthetic 32)")
     parser.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix 100)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, replay each cGAN's training step as one captured CUDA graph (default on; "
+                             "--no-cuda-graphs runs it eagerly)")
     parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (paper: 'momentum 0.5')")
     parser.add_argument("--dropout", type=float, default=0.5, help="dropout = noise z, kept at test time")
     parser.add_argument("--jitter", choices=("on", "off"), default=None,
@@ -818,14 +839,16 @@ def main(argv=None):
                   "flow_method": args.flow_method, "flow_scale": args.flow_scale or None}
     size = (config["image_size"], config["image_size"])
     nets = build_networks(config, args.device, discriminators=args.train)
-    opts = {name: make_optimizers(net, args.lr, args.beta1) for name, net in nets.items()} if args.train else None
+    graphs = args.cuda_graphs and args.device.type == "cuda"      # train(): common.GraphedStep
+    opts = ({name: make_optimizers(net, args.lr, args.beta1, capturable=graphs) for name, net in nets.items()}
+            if args.train else None)
     if checkpoint is not None:
         for name in ("f2o", "o2f"):
             nets[name].G.load_state_dict(checkpoint[name]["G"])
             if args.train:
                 nets[name].D.load_state_dict(checkpoint[name]["D"])
-                opts[name][0].load_state_dict(checkpoint[name]["opt_G"])
-                opts[name][1].load_state_dict(checkpoint[name]["opt_D"])
+                common.load_optimizer_state(opts[name][0], checkpoint[name]["opt_G"])
+                common.load_optimizer_state(opts[name][1], checkpoint[name]["opt_D"])
         print(f"loaded {ckpt_path} (epoch {checkpoint['epoch']}, step {checkpoint.get('step', 0)}, config {config})")
     epochs_done = checkpoint["epoch"] if checkpoint is not None else 0
     steps_done = checkpoint.get("step", 0) if checkpoint is not None else 0

@@ -217,23 +217,22 @@ Training in slices
 `--max-minutes M` stops at the next training step once M minutes have passed, writes model.pt atomically
 (weights, mixture, optimiser, phase / epoch / step, RNG states) and prints the command that continues
 (`--resume`); a run cut into slices ends with the same weights as an uninterrupted one, bit for bit on the
-CPU; on CUDA only close to them (cuDNN may pick other algorithms after a restart, and the CUDA-graph steps
-below draw their own noise). The patch order of an epoch is a permutation drawn from a generator seeded by
-(seed, phase, epoch), so it is recomputed, not stored. A test-only run (`--test`) takes every training
-setting (size, window, flow mapping, epochs, ...) from model.pt and warns about a command-line flag that
-disagrees.
+CPU; on CUDA only close to them (cuDNN may pick other algorithms after a restart). The patch order of an
+epoch is a permutation drawn from a generator seeded by (seed, phase, epoch), so it is recomputed, not
+stored. A test-only run (`--test`) takes every training setting (size, window, flow mapping, epochs, ...)
+from model.pt and warns about a command-line flag that disagrees.
 
 Training speed
 --------------
 The default schedule is 378,000 steps of 100 patches (both streams, 20 epochs each), and one step is ~280
 small kernels, so on a GPU eager PyTorch would spend most of each step launching them. On CUDA each step
-is therefore captured once as a CUDA graph and replayed (`GraphedTrainStep`; `--no-cuda-graphs` runs it
+is therefore captured once as a CUDA graph and replayed (`common.GraphedStep`; `--no-cuda-graphs` runs it
 eagerly), with fused, capturable Adam; the training patches stay on the GPU as uint8 where they fit. The
-replayed kernels are the eager ones, so the arithmetic is the same; the sampling layer's noise is drawn by the
-graph, so a graphed run's draws differ from an eager run's. A check on the GPU compares the two steps
-(tests/device_checks.py: the same losses and weights without noise, close losses with it) and measures
-both rates in one run; the speed-up on a GPU has not been measured yet. Each epoch prints its
-synchronised steps/s.
+replayed kernels are the eager ones, and each replay advances the CUDA generator as an eager step would,
+so the sampling layer's draws should be an eager run's too. A check on the GPU (tests/device_checks.py)
+compares the two steps (the same losses and weights without noise, close ones with it, and whether the
+draws agree) and measures both rates in one run; the speed-up on a GPU has not been measured yet. A
+capture that fails warns and steps eagerly. Each epoch prints its synchronised steps/s.
 
 Test throughput
 ---------------
@@ -259,7 +258,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -568,58 +566,11 @@ def train_step(model, optimizer, x, phase: str, autocast: bool):
     return loss, rec, kl
 
 
-class GraphedTrainStep:
-    """train_step captured once as a CUDA graph and replayed for every full batch (CUDA only).
-
-    At batch 100 of 28x28 patches a step is ~280 small kernels, so eager PyTorch spends its time launching
-    them (the default schedule has 378,000 such steps); a replay launches the whole step at once. The first
-    WARMUP steps run eagerly on a side stream (PyTorch's recipe: lazy initialisation stays out of the
-    capture), then the next full batch is captured and replayed; a batch of another shape (the last of an
-    epoch) runs eagerly. The replayed kernels are the eager ones, so the arithmetic is the same; the
-    sampling layer's noise comes from the graph's own draws of the CUDA generator, not from the sequence an
-    eager run would draw. The optimizer must be built with capturable=True."""
-    WARMUP = 3
-
-    def __init__(self, model, optimizer, phase: str, autocast: bool, batch_size: int):
-        self.step = lambda x: train_step(model, optimizer, x, phase, autocast)
-        self.optimizer, self.batch_size, self.steps_run = optimizer, batch_size, 0
-        self.graph = self.static_x = self.static_out = None
-
-    def __call__(self, x):
-        with warnings.catch_warnings():        # torch warns that a capturable optimizer is stepped uncaptured
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            out = self.replay_or_run(x)
-        self.steps_run += 1
-        return out
-
-    def replay_or_run(self, x):
-        if self.steps_run < self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.step(x)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None and len(x) == self.batch_size:
-            self.static_x = x.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.static_out = self.step(self.static_x)
-            self.graph.replay()                # capturing runs nothing: this replay is the step on x
-            return self.static_out
-        if self.graph is not None and x.shape == self.static_x.shape:
-            self.static_x.copy_(x)
-            self.graph.replay()
-            return self.static_out
-        return self.step(x)
-
-
 def run_epoch(model, optimizer, patches, args, device, phase: str, prog: dict, budget, desc: str,
               step_fn=None):
     """Continue one pass over the sampled patches from step prog['step']; phase 'pretrain' (auto-encoder,
     squared error) or 'vade' (equation 14). Stops before a step once the time budget has run out. step_fn:
-    batch -> (loss, rec, kl) tensors, e.g. a GraphedTrainStep (default: train_step).
+    batch -> (loss, rec, kl) tensors, e.g. train_step as a common.GraphedStep (default: train_step).
     Returns (finished, loss means of the steps run now, plus their "steps_per_s")."""
     model.train()
     order = epoch_order(len(patches), args.seed, phase, prog["epoch"]).to(patches.device)
@@ -770,7 +721,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
     # so per-tensor optimizer kernels would be a large share of each step (the CPU keeps the default)
     fused = device.type == "cuda"
     amp = args.amp and device.type == "cuda"     # the precision of training, also for the latents fitted on
-    graphs = args.cuda_graphs and device.type == "cuda"     # GraphedTrainStep: its optimizer is capturable
+    graphs = args.cuda_graphs and device.type == "cuda"     # common.GraphedStep: capturable optimizers
 
     for stream in streams:
         model, prog = models[stream], progress[stream]
@@ -791,7 +742,8 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
             """This stream's epochs of one phase from where prog stands, a checkpoint after each; False when
             the time budget stopped it (the position within the epoch is saved)."""
             label = "pretrain" if phase == "pretrain" else "VaDE"
-            step_fn = GraphedTrainStep(model, optimizer, phase, amp, args.batch_size) if graphs else None
+            step_fn = (common.GraphedStep(lambda x: train_step(model, optimizer, x, phase, amp), [optimizer],
+                                          args.batch_size) if graphs else None)
             while prog["epoch"] < epochs:
                 done, stats = run_epoch(model, optimizer, patches, args, device, phase, prog, budget,
                                         f"[{stream}] {label} {prog['epoch'] + 1}/{epochs}", step_fn)

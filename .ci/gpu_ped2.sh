@@ -71,7 +71,7 @@ OUT=${OUT:-${RUNS}_out}
 PHASE=${PHASE:-all}
 FOCUS=${FOCUS:-}
 FOCUS_FLAGS=${FOCUS_FLAGS:-}         # flags added to each FOCUS run's command (e.g. --amp)
-GMFC_FLAGS=""                        # --no-cuda-graphs when the CUDA-graph check below fails
+GRAPH_FLAGS=""                       # --no-cuda-graphs when the CUDA-graph check below fails
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
 # (with PHASE=train, the slack for a slice that ends late: each script's --max-minutes clock starts after
 # its start-up, and it finishes its step and saves after the clock runs out)
@@ -85,8 +85,8 @@ run_command() {
         adv3dae_nogan) RUN_COMMAND=(adv3dae.py --no-gan) ;;
         adv3dae_l6) RUN_COMMAND=(adv3dae.py --layers 6) ;;
         stan) RUN_COMMAND=(stan.py) ;;
-        gan_flow) RUN_COMMAND=(gan_flow.py --backbone-weights none) ;;
-        gmfc_vae) RUN_COMMAND=(gmfc_vae.py $GMFC_FLAGS) ;;
+        gan_flow) RUN_COMMAND=(gan_flow.py --backbone-weights none $GRAPH_FLAGS) ;;
+        gmfc_vae) RUN_COMMAND=(gmfc_vae.py $GRAPH_FLAGS) ;;
         *) return 1 ;;
     esac
     if [ -n "$FOCUS" ]; then RUN_COMMAND+=($FOCUS_FLAGS); fi
@@ -256,21 +256,23 @@ if torch.cuda.is_available():
     check_to_device("cuda", pathlib.Path(tempfile.mkdtemp()))
 print("device copies:", "ok" if torch.cuda.is_available() else "no CUDA, nothing checked")
 PY
-# gmfc_vae's CUDA-graph training step (its default on CUDA) against its eager step, with the speed-up; if it
-# fails, this call's gmfc_vae runs step eagerly
+# gmfc_vae's and gan_flow's CUDA-graph training steps (their default on CUDA) against their eager steps,
+# with the speed-ups; if that fails, this call's gmfc_vae and gan_flow runs step eagerly
 if ! once cuda_graph_step 90 python3 - <<'PY'
 import sys
 import torch
 sys.path.insert(0, "tests")
 from device_checks import check_graphed_training_step
 if torch.cuda.is_available():
-    eager, graphed = check_graphed_training_step("cuda")
-    print(f"gmfc_vae CUDA-graph training step: ok; VaDE steps/s eager {eager:.0f}, graphed {graphed:.0f} "
-          f"({graphed / eager:.2f}x, batch 100)")
+    what = {"gmfc_vae": "VaDE step, batch 100", "gan_flow": "one cGAN's D and G step, 256x256, batch 1"}
+    for name, (eager, graphed, same_draws) in check_graphed_training_step("cuda").items():
+        print(f"{name} CUDA-graph training step: ok; steps/s eager {eager:.1f}, graphed {graphed:.1f} "
+              f"({graphed / eager:.2f}x; {what[name]}); random draws {'the' if same_draws else 'not the'} "
+              f"eager run's")
 else:
-    print("gmfc_vae CUDA-graph training step: no CUDA, nothing checked")
+    print("CUDA-graph training steps: no CUDA, nothing checked")
 PY
-then GMFC_FLAGS=--no-cuda-graphs; say "gmfc_vae runs with --no-cuda-graphs in this call"; fi
+then GRAPH_FLAGS=--no-cuda-graphs; say "gmfc_vae and gan_flow run with --no-cuda-graphs in this call"; fi
 
 # FOCUS: only the named paper-protocol runs, in order, each trained (resumed) for all the budget but
 # FOCUS_RESERVE seconds and then tested; a run that is not done stops the list
@@ -346,8 +348,8 @@ if [ ! -f "$DONE/throughput" ]; then
     # the 30 paper epochs: its steps/s from a slice that starts adversarial (not the paper's schedule)
     once stan_adv_short_train 90 python3 stan.py $D --train --resume --max-minutes 0.3 --pretrain-epochs 0 \
         --lambda-s 1 --out "$RUNS/stan_adv_short"
-    short_run gan_flow gan_flow.py 0.4 --backbone-weights none
-    short_run gmfc_vae gmfc_vae.py 0.75 $GMFC_FLAGS
+    short_run gan_flow gan_flow.py 0.4 --backbone-weights none $GRAPH_FLAGS
+    short_run gmfc_vae gmfc_vae.py 0.75 $GRAPH_FLAGS
     short_run adv3dae_l6 adv3dae.py 0.001 --layers 6
     # adv3dae's training steps/s in bf16 autocast, then with channels_last_3d as well (both opt-in and not
     # yet measured): whether its paper schedule fits one slot that way (fp32: the paper run's own rate)

@@ -1,10 +1,12 @@
 """Run plumbing shared by the five scripts: flags, time-boxed slices, resume, RNG state, loss checks, device feeding."""
 
+import contextlib
 import io
 import random
 import shlex
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -254,6 +256,62 @@ def test_to_device_through_pinned_memory_on_cuda(tmp_path):
     """Catches: a pinned copy that fails on a read-only memmap, or data lost in the asynchronous copy."""
     assert common.host_tensor(np.zeros((2, 3), np.uint8), pin=True).is_pinned()
     check_to_device("cuda", tmp_path)
+
+
+def _fake_cuda_graphs(monkeypatch, events, capture_fails=False):
+    """torch.cuda's streams and graphs replaced by recorders: a step run inside torch.cuda.graph records a
+    capture, a replay records 'replay'."""
+    stream = lambda *a: SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: events.append("replay")))
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(g):
+        if capture_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        capturing.append(True)
+        yield
+        capturing.pop()
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    return lambda x: events.append(("capture" if capturing else "eager", len(x), float(x[0]))) or (x.sum(),)
+
+
+def test_graphed_step_warms_up_captures_full_batches_and_replays_fresh_inputs(monkeypatch):
+    """Catches: a replay that reads stale inputs, a short batch captured (every later full batch would then
+    run eagerly), a capture without the replay that runs its step, warm-up calls skipped."""
+    events = []
+    graphed = common.GraphedStep(_fake_cuda_graphs(monkeypatch, events), [], batch_size=2, warmup=1)
+    graphed(torch.tensor([1.0, 0.0]))                      # warm-up, eager
+    graphed(torch.tensor([5.0]))                           # short: eager, not captured
+    out = graphed(torch.tensor([2.0, 0.0]))                # captured, then replayed
+    graphed(torch.tensor([4.0, 0.0]))                      # replayed on the new input
+    graphed(torch.tensor([3.0]))                           # short: eager
+    assert events == [("eager", 2, 1.0), ("eager", 1, 5.0), ("capture", 2, 2.0), "replay", "replay",
+                      ("eager", 1, 3.0)]
+    assert float(graphed.static_inputs[0][0]) == 4.0 and out is graphed.static_out
+
+
+def test_graphed_step_steps_eagerly_after_a_failed_capture(monkeypatch, capsys):
+    """Catches: a failed capture that stops training, or one retried (and failing) at every step."""
+    events = []
+    graphed = common.GraphedStep(_fake_cuda_graphs(monkeypatch, events, capture_fails=True), [], batch_size=2,
+                                 warmup=1)
+    for value in (1.0, 2.0, 3.0):
+        graphed(torch.tensor([value, 0.0]))
+    assert events == [("eager", 2, 1.0), ("eager", 2, 2.0), ("eager", 2, 3.0)] and graphed.eager_only
+    assert capsys.readouterr().err.count("CUDA-graph capture of the training step failed") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_training_steps_train_as_the_eager_steps_on_cuda():
+    """Catches: a replay that does not update the weights, gradients accumulated across replays, a static
+    input not refreshed, a step left uncaptured (gmfc_vae's and gan_flow's common.GraphedStep)."""
+    from device_checks import check_graphed_training_step
+    rates = check_graphed_training_step("cuda", timed_steps=20)
+    assert set(rates) == {"gmfc_vae", "gan_flow"} and all(e > 0 and g > 0 for e, g, _ in rates.values())
 
 
 def test_fits_on_device_compares_with_a_fraction_of_free_cuda_memory(monkeypatch):
