@@ -419,8 +419,9 @@ def generator_loss(logits_fake, generated, target, l1_weight):
 
 def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
     """One pix2pix update of D then G on the batch (x -> y). Returns (loss_D, loss_G, l1) as detached device
-    tensors: no host sync here (common.LossMonitor checks them every N steps)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+    tensors: no host sync here (common.LossMonitor checks them every N steps). (autocast's cache of cast
+    weights is off: a CUDA-graph capture of this step must not keep cast copies; D's weights are cast twice.)"""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         fake = net.G(x)
         loss_D = discriminator_loss(net.D(x, y), net.D(x, fake.detach()))
     opt_D.zero_grad(set_to_none=True)
@@ -429,7 +430,7 @@ def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
     # G step: the gradient flows through D into G, but D's own weights need none (as in pix2pix's
     # set_requires_grad(D, False)); opt_D clears them before its next step anyway, so this only saves work.
     net.D.requires_grad_(False)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         loss_G, _, l1 = generator_loss(net.D(x, fake), fake, y, l1_weight)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()

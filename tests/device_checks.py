@@ -106,8 +106,8 @@ def check_graphed_training_step(device, timed_steps: int = 300):
     off), warm-up, capture, replays, an eager short batch and replays after it must give the eager losses
     and weights to rounding. With draws (gmfc_vae's VaDE sampling layer, gan_flow's dropout) the step must
     be captured and give finite losses close to the eager ones; whether the draws are the eager run's is
-    reported. Then, under the scripts' own settings (cuDNN benchmark; gmfc_vae without TF32, and with
-    --amp), each step must be captured. Returns {name: (eager steps/s, graphed steps/s, same draws)}:
+    reported. Then, under the scripts' own settings (cuDNN benchmark; gmfc_vae without TF32), and with
+    --amp, each step must be captured. Returns {name: (eager steps/s, graphed steps/s, same draws)}:
     gmfc_vae's VaDE step at batch 100, gan_flow's step of one cGAN at the paper's size, batch 1."""
     import gmfc_vae as gm
     import gan_flow as gf
@@ -132,11 +132,11 @@ def check_graphed_training_step(device, timed_steps: int = 300):
         rates["gmfc_vae"] = (*_rates(vae("vade"), full, 100, timed_steps), same_draws)
         _train(vae("vade", amp=True), True, batches, 100)
 
-    def pix2pix(size, ngf, dropout):
+    def pix2pix(size, ngf, dropout, amp=False):
         def build(capturable):
             net = gf.Pix2Pix(1, 3, size, ngf, ngf, dropout).to(device)
             opt_G, opt_D = gf.make_optimizers(net, 2e-4, 0.5, capturable=capturable)
-            return (lambda x, y: gf.pix2pix_step(net, opt_G, opt_D, x, y, 100.0, False), [opt_G, opt_D],
+            return (lambda x, y: gf.pix2pix_step(net, opt_G, opt_D, x, y, 100.0, amp), [opt_G, opt_D],
                     list(net.parameters()))
         return build
 
@@ -150,4 +150,5 @@ def check_graphed_training_step(device, timed_steps: int = 300):
              for _ in range(8)]
     with _cudnn(benchmark=True):                              # gan_flow's own settings (TF32 on)
         rates["gan_flow"] = (*_rates(pix2pix(256, 64, 0.5), pairs, 1, timed_steps // 3), same_draws)
+        _train(pix2pix(256, 64, 0.5, amp=True), True, pairs, 1)
     return rates
