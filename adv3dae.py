@@ -196,6 +196,7 @@ Usage
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -218,7 +219,7 @@ TRAINING_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "no_n
 ARCHITECTURE_KEYS = ("image_size", "clip_len", "layers", "channels", "no_gan", "flow")
 # CUDA's max-unpooling kernels take bfloat16 from PyTorch 2.5 on (the CPU's always did); before that, --amp
 # runs the unpooling in float32 and the next de-convolution casts back to bfloat16.
-UNPOOL_TAKES_BF16 = torch.__version__ >= (2, 5)
+UNPOOL_TAKES_BF16 = tuple(map(int, re.match(r"(\d+)\.(\d+)", torch.__version__).groups())) >= (2, 5)
 LOSS_CHECK_EVERY = 50                  # steps between the NaN/inf checks of the summed losses (one host sync)
 
 

@@ -1851,8 +1851,6 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-
-
 class GraphedStep:
     """A training step, step(*inputs) -> output tensors (forward, losses, backward, optimizer steps), captured
     once as a CUDA graph and replayed (CUDA only; PyTorch's whole-network capture recipe).
@@ -1924,10 +1922,11 @@ class StepRate:
     """Training steps/s of a stretch of a loop, the first step left out (cuDNN autotuning and lazy set-up on
     CUDA): call step_done() after each step and rate() at the end. The device is synchronised only after
     the first step and in rate(), so the GPU still runs ahead of the loop in between and the figure counts
-    finished steps, not queued ones. rate() is NaN when fewer than two steps ran."""
+    finished steps, not queued ones. With a single step, rate() times that step (from the StepRate's
+    creation); with none, it is NaN."""
 
     def __init__(self, device):
-        self.device, self.steps, self.t_first = device, 0, None
+        self.device, self.steps, self.t_first, self.t_start = device, 0, None, time.time()
 
     def step_done(self) -> None:
         self.steps += 1
@@ -1936,8 +1935,10 @@ class StepRate:
             self.t_first = time.time()
 
     def rate(self) -> float:
-        if self.steps < 2:
+        if self.steps == 0:
             return float("nan")
+        if self.steps == 1:
+            return 1 / max(self.t_first - self.t_start, 1e-9)
         synchronize(self.device)
         return (self.steps - 1) / max(time.time() - self.t_first, 1e-9)
 

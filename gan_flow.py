@@ -94,9 +94,10 @@ Runs, speed and reproducibility
       summed on the device and checked for NaN/inf every 50 steps and at each epoch end (common.LossMonitor),
       not synced every step. On CUDA the training split is held on the GPU (uint8 frames, float16 flows)
       when it fits in half of the free memory, and the jitter runs there. At batch 1 a step is ~1,100 small
-      kernels, so eager PyTorch would spend it launching them: on CUDA each cGAN's step (D then G, with
-      fused, capturable Adam) is captured once as a CUDA graph and replayed (common.GraphedStep;
-      `--no-cuda-graphs` runs it eagerly; a capture that fails warns and steps eagerly). The replayed
+      operator calls (counted on the CPU), so eager PyTorch would spend it launching kernels: on CUDA each
+      cGAN's step (D then G, with fused, capturable Adam) is captured once as a CUDA graph and replayed
+      (common.GraphedStep; `--no-cuda-graphs` runs it eagerly; a capture that fails warns and steps
+      eagerly). The replayed
       kernels are the eager ones, and each replay advances the CUDA generator as an eager step would, so the
       dropout draws (the noise z) should be an eager run's too; a run resumed on CUDA is close to an
       uninterrupted one, not bit for bit (cuDNN may pick other algorithms after a restart).
@@ -430,12 +431,14 @@ def pix2pix_step(net, opt_G, opt_D, x, y, l1_weight, amp):
     # G step: the gradient flows through D into G, but D's own weights need none (as in pix2pix's
     # set_requires_grad(D, False)); opt_D clears them before its next step anyway, so this only saves work.
     net.D.requires_grad_(False)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-        loss_G, _, l1 = generator_loss(net.D(x, fake), fake, y, l1_weight)
-    opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
-    opt_G.step()
-    net.D.requires_grad_(True)
+    try:          # (D trainable again even when this half raises, e.g. in a CUDA-graph capture that fails)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            loss_G, _, l1 = generator_loss(net.D(x, fake), fake, y, l1_weight)
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
+    finally:
+        net.D.requires_grad_(True)
     return loss_D.detach(), loss_G.detach(), l1.detach()
 
 

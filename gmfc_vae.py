@@ -224,15 +224,16 @@ from model.pt and warns about a command-line flag that disagrees.
 
 Training speed
 --------------
-The default schedule is 378,000 steps of 100 patches (both streams, 20 epochs each), and one step is ~280
-small kernels, so on a GPU eager PyTorch would spend most of each step launching them. On CUDA each step
-is therefore captured once as a CUDA graph and replayed (`common.GraphedStep`; `--no-cuda-graphs` runs it
-eagerly), with fused, capturable Adam; the training patches stay on the GPU as uint8 where they fit. The
-replayed kernels are the eager ones, and each replay advances the CUDA generator as an eager step would,
+The default schedule is up to 384,000 steps of 100 patches (both streams, 20 epochs each; ~378,000 on Ped2,
+whose motion stream has 931,866 moving patches with a full flow window), and one step is ~280 operator calls
+(counted on the CPU), so on a GPU eager PyTorch would spend most of each step launching kernels. On CUDA
+each step is therefore captured once as a CUDA graph and replayed (`common.GraphedStep`; `--no-cuda-graphs`
+runs it eagerly), with fused, capturable Adam; the training patches stay on the GPU as uint8 where they fit.
+The replayed kernels are the eager ones, and each replay advances the CUDA generator as an eager step would,
 so the sampling layer's draws should be an eager run's too. A check on the GPU (tests/device_checks.py)
-compares the two steps (the same losses and weights without noise, close ones with it, and whether the
-draws agree) and measures both rates in one run; the speed-up on a GPU has not been measured yet. A
-capture that fails warns and steps eagerly. Each epoch prints its synchronised steps/s.
+compares the two steps (the same losses and weights without noise, close ones with it, and whether the draws
+agree) and measures both rates in one run; the speed-up on a GPU has not been measured yet. A capture that
+fails warns and steps eagerly. Each epoch prints its synchronised steps/s.
 
 Test throughput
 ---------------
@@ -717,7 +718,7 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
         run["flow_scale"] = estimate_flow_scale(flows, args)
         print(f"dynamic-flow normalisation scale s = {run['flow_scale']:.1f} (99.9th percentile of |D|)")
     positions = training_positions(ds, frames, flows, streams, args)
-    # fused Adam on CUDA: the default schedule is 384,000 small steps (9,600 an epoch, 20 epochs, two streams),
+    # fused Adam on CUDA: the default schedule is up to 384,000 small steps (9,600 an epoch, 20 epochs, 2 streams),
     # so per-tensor optimizer kernels would be a large share of each step (the CPU keeps the default)
     fused = device.type == "cuda"
     amp = args.amp and device.type == "cuda"     # the precision of training, also for the latents fitted on
@@ -751,7 +752,8 @@ def train(args, ds, streams, gray: bool, device, budget, argv):
                 rate = f"{stats['steps_per_s']:.1f} steps/s (batch {args.batch_size})"
                 if not done:
                     save(opt_state)
-                    print(f"[{stream}] {label} epoch {prog['epoch'] + 1}/{epochs}: training {rate}")
+                    if math.isfinite(stats["steps_per_s"]):       # (NaN when stopped before any step)
+                        print(f"[{stream}] {label} epoch {prog['epoch'] + 1}/{epochs}: training {rate}")
                     return False
                 prog.update(epoch=prog["epoch"] + 1, step=0)
                 print(f"[{stream}] {label} epoch {prog['epoch']}/{epochs}: {summary(stats)}, {rate}")

@@ -34,9 +34,8 @@
 # Going on in a later slot: the checkpoint of a FOCUS run that a call leaves unfinished comes back too, in
 # pieces of 15 MB ($OUT/model_RUN.pt.partNN), when under 60 MB (gmfc_vae's is 20 MB, adv3dae's 24, stan's
 # 57; not gan_flow's 1.37 GB). Kept where the next session can reach them (e.g. as carry/ckpt/), they go
-# to the machine in a call of their own before the two above, which then resume from them (where nothing
-# but the repository outlasts a session, they cannot be kept: size a FOCUS run to finish in its slot, by
-# the steps/s of the first slot):
+# to the machine in a call of their own before the two above, which then resume from them (where they
+# cannot be kept until the next slot, size a FOCUS run to finish in its slot, by the first slot's steps/s):
 #   call 0 (carry carry/ckpt): mkdir -p /root/runs/RUN && cat carry/ckpt/model_RUN.pt.part* >/root/runs/RUN/model.pt
 #
 # Environment: DATA_ROOT (default /root/data), RUNS (default /root/runs), OUT (where the results go,
@@ -130,7 +129,8 @@ for path in glob.glob(os.path.join(runs, "*", "scores*.npz")):
 # the paper-protocol runs' full scores.npz, compressed when over the 16 MB a returned file may have
 for run in paper_runs:
     path, copy = os.path.join(runs, run, "scores.npz"), os.path.join(out, f"scores_{run}.npz")
-    if not os.path.exists(path) or not newer(path, copy):
+    too_large = os.path.join(runs, run, "scores_too_large")   # compressed once, still over 16 MB
+    if not os.path.exists(path) or not newer(path, copy) or not newer(path, too_large):
         continue
     if os.path.getsize(path) < 16_000_000:
         shutil.copy2(path, copy)
@@ -141,6 +141,7 @@ for run in paper_runs:
         os.replace(copy + ".tmp.npz", copy)
     else:
         os.remove(copy + ".tmp.npz")
+        open(too_large, "w").close()
 EOF
     local run f
     # a FOCUS run not yet done (training unfinished, or its test not yet run): its checkpoint too, in 15 MB
@@ -257,8 +258,8 @@ if torch.cuda.is_available():
 print("device copies:", "ok" if torch.cuda.is_available() else "no CUDA, nothing checked")
 PY
 # gmfc_vae's and gan_flow's CUDA-graph training steps (their default on CUDA) against their eager steps,
-# with the speed-ups; if that fails, this call's gmfc_vae and gan_flow runs step eagerly
-if ! once cuda_graph_step 90 python3 - <<'PY'
+# with the speed-ups; if that fails, gmfc_vae and gan_flow step eagerly (in this call and the later ones)
+if [ -f "$DONE/cuda_graph_step_failed" ] || ! once cuda_graph_step 90 python3 - <<'PY'
 import sys
 import torch
 sys.path.insert(0, "tests")
@@ -272,7 +273,10 @@ if torch.cuda.is_available():
 else:
     print("CUDA-graph training steps: no CUDA, nothing checked")
 PY
-then GRAPH_FLAGS=--no-cuda-graphs; say "gmfc_vae and gan_flow run with --no-cuda-graphs in this call"; fi
+then
+    GRAPH_FLAGS=--no-cuda-graphs; touch "$DONE/cuda_graph_step_failed"
+    say "gmfc_vae and gan_flow run with --no-cuda-graphs"
+fi
 
 # FOCUS: only the named paper-protocol runs, in order, each trained (resumed) for all the budget but
 # FOCUS_RESERVE seconds and then tested; a run that is not done stops the list
@@ -358,7 +362,8 @@ if [ ! -f "$DONE/throughput" ]; then
     once adv3dae_amp_cl_short_train 75 python3 adv3dae.py $D --train --max-minutes 0.3 --amp --channels-last \
         --out "$RUNS/adv3dae_amp_cl_short"
     all_done() { for f in "$@"; do [ -f "$DONE/$f" ] || return 1; done; }
-    if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train; then
+    if all_done stan_short_train stan_adv_short_train gan_flow_short_train gmfc_vae_short_train adv3dae_l6_short_train \
+            adv3dae_amp_short_train adv3dae_amp_cl_short_train; then
         touch "$DONE/throughput_train"
     fi
     if [ "$PHASE" != train ]; then

@@ -125,6 +125,22 @@ def test_pix2pix_steps_lower_the_losses():
     assert all(not torch.equal(b, p) for b, p in zip(before, net.G.parameters()))
 
 
+def test_pix2pix_step_leaves_d_trainable_when_g_half_raises(monkeypatch):
+    """A step that fails in G's half (as a failed CUDA-graph capture does, before common.GraphedStep steps
+    eagerly instead) must leave D trainable. Catches: D left frozen, so the next step's loss_D.backward()
+    fails ("does not require grad")."""
+    net = gan_flow.Pix2Pix(1, 3, image_size=32, ngf=8, ndf=8)
+    opt_G, opt_D = gan_flow.make_optimizers(net, lr=2e-4, beta1=0.5)
+    x, y = torch.zeros(1, 1, 32, 32), torch.zeros(1, 3, 32, 32)
+
+    def failing_generator_loss(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(gan_flow, "generator_loss", failing_generator_loss)
+    with pytest.raises(RuntimeError, match="capturing"):
+        gan_flow.pix2pix_step(net, opt_G, opt_D, x, y, 100.0, False)
+    assert all(p.requires_grad for p in net.D.parameters())
+
+
 # ----------------------------------------------------------------------------------------------- data
 def test_flow_image_encoding():
     flow = np.array([[[[0.0, 0.0], [1.0, 0.0]], [[-3.0, 4.0], [10.0, -0.5]]]], np.float16)  # (1, 2, 2, 2)

@@ -262,9 +262,9 @@ def test_training_epochs_lower_the_losses():
 
 def test_run_epoch_feeds_every_batch_to_the_given_step_and_times_it():
     """run_epoch with a step_fn (the CUDA-graph step's way in): every batch of the epoch's permutation goes
-    to it in order, as float inputs in [0, 1] with the short batch last, and the steps/s figure counts the
-    steps after the first. Catches: step_fn ignored (the eager step run instead), a batch skipped or
-    repeated, the wrong permutation."""
+    to it in order, as float inputs in [0, 1] with the short batch last, and a steps/s figure comes back
+    (common.StepRate's own test checks how it is timed). Catches: step_fn ignored (the eager step run
+    instead), a batch skipped or repeated, the wrong permutation."""
     patches = torch.arange(250, dtype=torch.uint8)[:, None, None, None].expand(-1, 1, 28, 28).contiguous()
     args = argparse.Namespace(seed=3, batch_size=100, amp=False)
     seen = []
@@ -279,7 +279,6 @@ def test_run_epoch_feeds_every_batch_to_the_given_step_and_times_it():
     order = gm.epoch_order(250, 3, "vade", 2)
     np.testing.assert_allclose(torch.cat(seen)[:, 0, 0, 0].numpy(), order.numpy() / 255, rtol=1e-6)
     assert stats["loss"] == 1.0 and stats["steps_per_s"] > 0
-
 
 
 def test_vade_loss_against_numpy():

@@ -73,9 +73,10 @@ def test_step_rate_leaves_out_the_first_step_and_synchronises(monkeypatch):
         clock[0] += 0.5
         rate.step_done()
     assert rate.rate() == pytest.approx(4 / 2.0) and synced == [57.0, 59.0]
-    single = common.StepRate("cpu")
+    single = common.StepRate("cpu")          # one step: its own time, from the StepRate's creation
+    clock[0] += 4.0
     single.step_done()
-    assert np.isnan(single.rate())
+    assert single.rate() == pytest.approx(0.25) and np.isnan(common.StepRate("cpu").rate())
 
 
 def test_continue_command_adds_resume_once_and_quotes():
