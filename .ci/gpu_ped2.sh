@@ -42,7 +42,9 @@
 # default ${RUNS}_out), VAD_CACHE_DIR (default /root/cache), DATASET (default ped2), PHASE (all or train),
 # ALLOW_CPU=1 (a rehearsal of the ped2 calls on a machine without CUDA).
 #
-# In order of what a short slot should bring back first:
+# In order of what a short slot should bring back first (after the checks of the device copies and of the
+# CUDA-graph training steps, whose summary lines give the graphed and eager steps/s; a failed graph check
+# makes gmfc_vae and gan_flow step eagerly):
 #   1. deep_anomaly at the paper protocol (random AlexNet): train + test, frame/pixel metrics, frames/s
 #      (float32, as on the CPU; then the same model with --amp, and with the fixed-shape cascade);
 #   2. adv3dae at the paper protocol, trained for what the budget allows, then tested (unfinished too);
