@@ -74,8 +74,9 @@ FOCUS=${FOCUS:-}
 FOCUS_FLAGS=${FOCUS_FLAGS:-}         # flags added to each FOCUS run's command (e.g. --amp)
 GRAPH_FLAGS=""                       # --no-cuda-graphs when the CUDA-graph check below fails
 # what a FOCUS run leaves of the budget for its test (and PHASE=train, which tests nothing, for packing)
-# (with PHASE=train, the slack for a slice that ends late: each script's --max-minutes clock starts after
-# its start-up, and it finishes its step and saves after the clock runs out)
+# (with PHASE=train, the slack for a slice that ends late: a script's --max-minutes clock starts after its
+# imports (stan's after it has read its checkpoint), and the script finishes its step and saves once the
+# clock has run out)
 if [ "$PHASE" = train ]; then FOCUS_RESERVE=${FOCUS_RESERVE:-60}; else FOCUS_RESERVE=${FOCUS_RESERVE:-150}; fi
 # run_command RUN: RUN_COMMAND = the script and flags of the paper-protocol run named RUN (paper_run, FOCUS)
 PAPER_RUNS="deep_anomaly adv3dae adv3dae_nogan adv3dae_l6 stan gan_flow gmfc_vae"
