@@ -194,7 +194,6 @@ Usage
 """
 
 import json
-import math
 import os
 import re
 import time
@@ -663,9 +662,8 @@ def train(args, ds, streams: dict, sources: dict, models: dict, stats: dict, sta
                 last_batch[name] = x
             rate.step_done()
             if budget.expired() and step + 1 < num_batches:
-                if math.isfinite(rate.rate()):      # (NaN when the slice stopped at the first step of an epoch)
-                    print(f"training: {rate.rate():.2f} steps/s (batch {args.batch_size} clips of {args.clip_len} "
-                          f"frames{', ' + str(len(streams)) + ' streams' if len(streams) > 1 else ''})")
+                print(f"training: {rate.rate():.2f} steps/s (batch {args.batch_size} clips of {args.clip_len} "
+                      f"frames{', ' + str(len(streams)) + ' streams' if len(streams) > 1 else ''})")
                 monitor.check(where)                       # never save non-finite weights
                 save_model(args, models, stats, {"epoch": epoch, "step": step + 1}, order, shuffle, elapsed())
                 common.report_time_stop(__file__, argv, ckpt_path, f"epoch {epoch + 1} step {step + 1}/{num_batches}",

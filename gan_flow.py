@@ -97,10 +97,10 @@ Runs, speed and reproducibility
       operator calls (counted on the CPU), so eager PyTorch would spend it launching kernels: on CUDA each
       cGAN's step (D then G, with fused, capturable Adam) is captured once as a CUDA graph and replayed
       (common.GraphedStep; `--no-cuda-graphs` runs it eagerly; a capture that fails warns and steps
-      eagerly). The replayed
-      kernels are the eager ones, and each replay advances the CUDA generator as an eager step would, so the
-      dropout draws (the noise z) should be an eager run's too; a run resumed on CUDA is close to an
-      uninterrupted one, not bit for bit (cuDNN may pick other algorithms after a restart).
+      eagerly). The replayed kernels are the eager ones, and each replay advances the CUDA generator as an
+      eager step would, so the dropout draws (the noise z) should be an eager run's too; a run resumed on
+      CUDA is close to an uninterrupted one, not bit for bit (cuDNN may pick other algorithms after a
+      restart).
       tests/device_checks.py compares the graphed and eager steps on the GPU (with dropout off: the same
       losses and weights; with it: close losses, and whether the draws agree) and measures both rates in
       one run; the speed-up has not been measured on a GPU yet.

@@ -168,7 +168,6 @@ Usage
     OMP_NUM_THREADS=1 python stan.py ...                     # often faster on a CPU shared with other jobs
 """
 import json
-import math
 import os
 import sys
 import time
@@ -604,8 +603,7 @@ def train(args, ds, generator, discriminator, argv):
             rate.step_done()
             if step < steps_per_epoch and budget.expired():
                 bar.close()
-                if math.isfinite(rate.rate()):      # (NaN when the slice stopped at the first step of an epoch)
-                    print(f"training: {rate.rate():.2f} {phase} steps/s (batch {args.batch_size})")
+                print(f"training: {rate.rate():.2f} {phase} steps/s (batch {args.batch_size})")
                 save()
                 report_stop()
                 return None
