@@ -39,7 +39,7 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   boundary of the output to keep the same size" of Hasan et al.
 - Speed of the 6-layer net (Table VII: 729.4 vs 467.5 frames/s, 1.56x). `conv_macs` counts the multiply-adds
   per 16x224x224 clip: 37.8 G for our 10-layer net and 34.7 G for the 6-layer one, a ratio of only 1.09,
-  because the 2x2x2 pools leave conv4 / conv5 (and their de-convolutions) 1/64 and 1/512 of conv1's voxels.
+  because the 2x2x2 pools leave conv4 / conv5 (and their de-convolutions) 1/256 and 1/2048 of conv1's voxels.
   C3D's widths (64, 128, 256, 512, 512) give 1.20; no width sequence that at most doubles per stage gets
   near 1.56 (it needs conv4 = conv5 ~ 576 channels after conv3 = 128), and the paper gives no widths, so we
   keep ours rather than invent wider deep layers to match a speed figure. The paper's ratio is close to

@@ -209,6 +209,18 @@ the test cells more than 25% covered by the anomaly mask against the cells outsi
   positions kept) the corner cells count as moving in 569-1,880 of the 2,534 training frame pairs, the
   patch AUC over moving cells goes from 61.7% to 66.9%, and corner cells still win 72% of the frame maxima
   (frame AUC 46.5% micro / 52.4% macro). Not the cause either; the default stays 15.
+- Training on every position (`--motion-threshold -1`: static background included, so no test cell is
+  unseen; the reduced protocol, appearance stream alone) does not remove the corner either: a bottom-row
+  cell (row 10, column 2) still holds the frame maximum of 95% of test frames, frame AUC 45.7% micro /
+  54.4% macro, pixel AUC 0.0%. The corner's high energy does not come from its never being trained on.
+- What a density of the raw patches gives, with no network (the same 40,000 moving training patches at
+  420x280 /255; every 3rd test frame, all 150 cells scored, patch AUC among moving cells in brackets): the
+  negative log-likelihood of a K = 20 GMM on the patches' 64 PCA components 63.4% (69.6%) with diagonal
+  and 63.6% (75.4%) with full covariances, the L2 distance to the nearest training patch 60.1% (77.2%),
+  the pixel standard deviation 54.0% (67.2%), and the same PCA's reconstruction error 78.6% (77.8%). So a
+  28x28 appearance density reaches about 64% frame AUC on Ped2 at this budget while reconstruction error
+  carries more of the signal, and the learned latent's mixture (42.9%) falls below even the linear one,
+  whose frame AUC hardly changes when only moving cells are scored (63.3%).
 - Not testable on a CPU: the paper's 960K patches with our default epochs (24x the reduced run's patches, 5x
   its epochs; 12x the larger run's patch-epochs).
 
