@@ -41,11 +41,15 @@ def test_unet256_shapes_and_layout():
     # pix2pix decoder CD512-CD1024-CD1024-C1024-C1024-C512-C256-C128: inputs incl. skips, then output 3
     assert [u.in_channels for u in ups] == [512, 1024, 1024, 1024, 1024, 512, 256, 128]
     assert ups[-1].out_channels == 3
-    dropouts = [i for i, block in enumerate(g.up) if any(isinstance(m, gan_flow.AlwaysDropout) for m in block)]
-    assert dropouts == [0, 1, 2]
+    # the noise z: dropout on the outputs of the first three decoder blocks (CD512-CD1024-CD1024 with skips)
+    assert not any(isinstance(m, gan_flow.AlwaysDropout) for m in g.up.modules())
+    noise_inputs = []
+    for module in g.noise:
+        module.register_forward_hook(lambda m, i, o: noise_inputs.append(tuple(i[0].shape)))
     with torch.inference_mode():
         out = g(torch.randn(1, 1, 256, 256))
     assert out.shape == (1, 3, 256, 256) and out.abs().max() <= 1.0
+    assert noise_inputs == [(1, 512, 2, 2), (1, 512, 4, 4), (1, 512, 8, 8)]
     with torch.inference_mode():
         assert UNetGenerator(3, 1, image_size=256, ngf=8)(torch.randn(2, 3, 256, 256)).shape == (2, 1, 256, 256)
     # the synthetic default: 64x64 with 6 levels
@@ -56,14 +60,57 @@ def test_unet256_shapes_and_layout():
 
 
 def test_dropout_is_noise_z_kept_at_test_time():
+    """In eval mode dropout stays on: fresh draws without keys, the same draw for the same key, another draw
+    for another key. Mutation caught: the keys ignored (a global draw) or dropout off in eval mode."""
     torch.manual_seed(0)
     g = UNetGenerator(1, 3, image_size=64, ngf=8).eval()
     x = torch.randn(1, 1, 64, 64)
+    keys = torch.tensor([7])
     with torch.inference_mode():
         assert not torch.allclose(g(x), g(x))
+        torch.manual_seed(1)
+        first = g(x, keys)
+        torch.manual_seed(2)
+        torch.testing.assert_close(g(x, keys), first, rtol=0, atol=0)
+        assert not torch.allclose(g(x, keys + 1), first)
     g0 = UNetGenerator(1, 3, image_size=64, ngf=8, dropout=0.0).eval()
     with torch.inference_mode():
         assert torch.allclose(g0(x), g0(x))
+
+
+def numpy_hash32(x):
+    """The same hash in uint32 arithmetic, whose products wrap modulo 2^32 by themselves."""
+    x = np.asarray(x, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        x = ((x >> np.uint32(16)) ^ x) * np.uint32(0x45D9F3B)
+        x = ((x >> np.uint32(16)) ^ x) * np.uint32(0x45D9F3B)
+    return (x >> np.uint32(16)) ^ x
+
+
+def test_test_time_noise_is_a_function_of_its_key():
+    """AlwaysDropout with keys against an independent uint32 computation of the mask; the kept fraction is
+    1 - p; masks differ across layers and keys; noise_keys depends on seed, video, frame and generator only.
+    Mutations caught: a product that overflows int64 (the masked multiply dropped), the layer not mixed in,
+    the mask reused for every sample, no 1 / (1 - p) rescaling."""
+    keys = torch.tensor([0, 1, 2 ** 32 - 1, 123456789], dtype=torch.int64)
+    x = torch.ones(4, 5, 6, 7)
+    layer = gan_flow.AlwaysDropout(0.5, layer=2)
+    out = layer(x, keys)
+    element = np.arange(5 * 6 * 7, dtype=np.uint32)
+    sample = numpy_hash32(keys.numpy().astype(np.uint32)[:, None] ^ numpy_hash32(3))
+    keep = numpy_hash32(sample ^ element) >= np.uint32(2 ** 31)
+    np.testing.assert_array_equal(out.reshape(4, -1).numpy(), 2.0 * keep)
+    assert not np.array_equal(keep[0], keep[1])
+    assert not torch.equal(gan_flow.AlwaysDropout(0.5, layer=1)(x, keys), out)
+    big = gan_flow.AlwaysDropout(0.3)(torch.ones(2, 512, 8, 8), torch.tensor([5, 6]))
+    assert abs((big > 0).float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(big[big > 0], torch.full_like(big[big > 0], 1 / 0.7))
+    a = gan_flow.noise_keys(0, "Test001", range(3), 0)
+    assert a.dtype == torch.int64 and len(set(a.tolist())) == 3
+    torch.testing.assert_close(gan_flow.noise_keys(0, "Test001", [1, 2], 0), a[1:], rtol=0, atol=0)
+    for other in (gan_flow.noise_keys(1, "Test001", range(3), 0), gan_flow.noise_keys(0, "Test002", range(3), 0),
+                  gan_flow.noise_keys(0, "Test001", range(3), 1)):
+        assert not set(other.tolist()) & set(a.tolist())
 
 
 def test_instance_norm_makes_a_frame_independent_of_its_batch():
@@ -252,7 +299,7 @@ def test_alexnet_sees_frames_at_the_semantic_size():
     alexnet.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
     frame = torch.rand(3, 1, 64, 64) * 2 - 1
     flow = torch.rand(3, 3, 64, 64) * 2 - 1
-    G_o2f = lambda o: o[:, 1:2] * 0.5
+    G_o2f = lambda o, keys=None: o[:, 1:2] * 0.5
     with torch.inference_mode():
         _, delta_S, _, p_F = gan_flow.difference_maps(frame, flow, None, G_o2f, alexnet, "appearance", 256)
         assert calls == [torch.Size([6, 1, 256, 256])]
@@ -294,7 +341,7 @@ def test_normalisation_and_fusion_match_numpy(monkeypatch):
 
 def score_args(**overrides):
     values = dict(device=torch.device("cpu"), amp=False, test_batch_size=3, streams="both", lambda_motion=2.0,
-                  map_size=16, semantic_size=64)
+                  map_size=16, semantic_size=64, seed=0)
     values.update(overrides)
     return type("Args", (), values)()
 
@@ -309,8 +356,8 @@ def test_score_video_assembles_scores_and_maps():
     flows = rng.normal(0, 1.5, (4, 64, 64, 2)).astype(np.float16)
     torch.manual_seed(0)
     alexnet = AlexNetConv5().eval()
-    G_f2o = lambda x: torch.zeros(x.shape[0], 3, *x.shape[2:])   # predicts "no motion"
-    G_o2f = lambda o: o[:, 2:3]                                   # the magnitude channel as a frame
+    G_f2o = lambda x, keys: torch.zeros(x.shape[0], 3, *x.shape[2:])   # predicts "no motion"
+    G_o2f = lambda o, keys: o[:, 2:3]                                   # the magnitude channel as a frame
     with torch.inference_mode():
         scores, maps = gan_flow.score_video(frames, flows, G_f2o, G_o2f, alexnet, 2.0, score_args())
         O = flow_to_image(torch.from_numpy(flows), 2.0)
@@ -403,6 +450,31 @@ def test_panels_show_the_scored_outputs():
         np.testing.assert_array_equal(gen_flow, scored_flow[t])
         np.testing.assert_array_equal(gen_frame, scored_frame[t, 0])
     assert gan_flow.panels_per_video(["a", "b", "c"], 4) == {"a": 2, "b": 1, "c": 1}
+
+
+def test_scores_with_noise_do_not_depend_on_the_batching():
+    """With the noise z on, a video's scores and maps are the same whatever the test batch size, whatever
+    video shares its batches and however the global generator was seeded; --seed changes them. Mutations
+    caught: dropout drawn from torch's generator at test, keys taken by position in the batch."""
+    rng = np.random.default_rng(4)
+    frames = {"a": rng.integers(0, 256, (6, 32, 32), dtype=np.uint8), "b": rng.integers(0, 256, (5, 32, 32), dtype=np.uint8)}
+    flows = {k: rng.normal(0, 1.0, (len(v) - 1, 32, 32, 2)).astype(np.float16) for k, v in frames.items()}
+    G_f2o, G_o2f = tiny_generators(dropout=0.5)
+    torch.manual_seed(0)
+    alexnet = AlexNetConv5().eval()
+    runs = []
+    with torch.inference_mode():
+        for batch, videos, seed in ((2, ("a", "b"), 0), (5, ("a", "b"), 0), (3, ("b",), 0), (4, ("a", "b"), 1)):
+            torch.manual_seed(100 + batch)
+            runs.append(gan_flow.score_videos({k: frames[k] for k in videos}, {k: flows[k] for k in videos},
+                                              G_f2o, G_o2f, alexnet, 1.5, score_args(test_batch_size=batch, seed=seed)))
+    for stream in ("both", "motion", "appearance"):
+        for run in runs[1:3]:
+            for name in run:
+                np.testing.assert_allclose(run[name][stream][0], runs[0][name][stream][0], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(run[name][stream][1].astype(np.float32),
+                                           runs[0][name][stream][1].astype(np.float32), rtol=1e-3, atol=1e-3)
+    assert not np.allclose(runs[3]["a"]["both"][0][:-1], runs[0]["a"]["both"][0][:-1])
 
 
 # ----------------------------------------------------------------------------------------------- training
