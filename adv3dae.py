@@ -60,8 +60,10 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   After one training step at the README's reduced command the frame AUC is 84.4 (micro) after eq. 14 and
   64.3 on the raw e_t: eq. 14, offline because it uses each video's own minimum and maximum, is worth 20
   points to that trivial score. At the same reduced settings 1, 3, 6 and 12 epochs gave 78.9, 76.1, 73.1
-  and 75.6 after eq. 14 (76.7 on the raw e_t after 12), while L_rec fell from 118 to 38. A trained model
-  has to clear this baseline, not only chance. Two test-time effects on the 1-epoch model (78.9) are small:
+  and 75.6 after eq. 14 (76.7 on the raw e_t after 12), while L_rec fell from 118 to 38 (on an earlier
+  host; the 1-epoch run gives 78.5 on the README's current one, whose CPU kernels round differently). A
+  trained model has to clear this baseline, not only chance. Two test-time effects on that host's 1-epoch
+  model (78.9) are small:
   the first and last frame of each 16-frame clip reconstruct worse (normal test frames: 1.15 and 1.13
   times their video's median e_t, against 0.91-1.06 inside the clip), a saw-tooth that `--test-stride 8`
   averages out (80.2); recomputing BatchNorm's running statistics over all training clips gives 80.1.
@@ -81,9 +83,10 @@ Implementation choices the paper leaves open (not deviations, but stated so they
 - lambda is not given: default 1 (`--lambda-adv`). With L_rec summed over the clip's pixels this keeps the
   reconstruction term dominant and the adversarial term a regulariser. How much it steers the auto-encoder
   is printed with every epoch: the gradient norms of L_rec and of lambda L_adv on the epoch's last batch.
-  In the reduced CPU run on Ped2 (README) the adversarial share was 0.26% at the end of training (5.78
-  against 2,250), with D winning (L_D 0.34): at lambda = 1 the adversarial term barely moves the
-  auto-encoder after one epoch. Continued at the same settings, the share was 5-59% at the end of every
+  In the reduced CPU run on Ped2 (README) the adversarial share was 0.68% at the end of training (13.1
+  against 1,920; 0.26% in the same run on an earlier host), with D winning (L_D 0.35): at lambda = 1 the
+  adversarial term barely moves the auto-encoder after one epoch. Continued at the same settings (on the
+  earlier host), the share was 5-59% at the end of every
   later epoch up to 12, with D still winning (L_D mostly 0.01-0.03 from epoch 5), so the term does steer
   a longer run; the paper's GAN-versus-no-GAN gap (Table V, Ped2: 91.0 against 90.3) is worth checking
   against that share at the paper's budget. The share shrinks with the input size, because L_rec sums over

@@ -129,9 +129,9 @@ Runs, speed and reproducibility
       Ped2's fast bikes and carts well, and not as a plain speed score: a zero generator (Delta_O = |O|,
       the flow image's own norm) gives 65.0. Three readings of the drop, each measured on the motion stream
       of that one-step model and of the 2-epoch model (frame AUC micro, one-step / trained; as then
-      shipped 90.4 / 78.4): the flow target's clipping at s (Delta_O against the unclipped flow / s: 77.4 / 79.1),
-      the sign of dx that one frame cannot tell (the magnitude channel's error alone: 53.9 / 79.8), and
-      the test-time dropout (off: 90.0 / 77.6). None of them explains it: with each change the trained
+      shipped 90.4 / 78.4): the flow target's clipping at s (Delta_O against the unclipped flow / s: 77.4
+      / 79.1), the sign of dx that one frame cannot tell (the magnitude channel's error alone: 53.9 /
+      79.8), and the test-time dropout (off: 90.0 / 77.6). None of them explains it: with each change the trained
       model stays at 77.6-79.8.
 
 Usage
