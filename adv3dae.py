@@ -61,12 +61,12 @@ Implementation choices the paper leaves open (not deviations, but stated so they
   64.3 on the raw e_t: eq. 14, offline because it uses each video's own minimum and maximum, is worth 20
   points to that trivial score. At the same reduced settings 1, 3, 6 and 12 epochs gave 78.9, 76.1, 73.1
   and 75.6 after eq. 14 (76.7 on the raw e_t after 12), while L_rec fell from 118 to 38 (on an earlier
-  host; the 1-epoch run gives 78.5 on the README's current one, whose CPU kernels round differently). A
-  trained model has to clear this baseline, not only chance. Two test-time effects on that host's 1-epoch
-  model (78.9) are small:
-  the first and last frame of each 16-frame clip reconstruct worse (normal test frames: 1.15 and 1.13
-  times their video's median e_t, against 0.91-1.06 inside the clip), a saw-tooth that `--test-stride 8`
-  averages out (80.2); recomputing BatchNorm's running statistics over all training clips gives 80.1.
+  host; the 1-epoch run gives 78.5 on the README's current one, most likely through its CPU kernels'
+  rounding). A trained model has to clear this baseline, not only chance. Two test-time effects on that
+  host's 1-epoch model (78.9) are small: the first and last frame of each 16-frame clip reconstruct
+  worse (normal test frames: 1.15 and 1.13 times their video's median e_t, against 0.91-1.06 inside the
+  clip), a saw-tooth that `--test-stride 8` averages out (80.2); recomputing BatchNorm's running
+  statistics over all training clips gives 80.1.
 - Discriminator: conv 3x3x3 (1->32), max-pool 2x4x4, conv (32->64), max-pool 2x4x4, conv (64->64), max-pool
   2x4x4, FC (-> 256), FC (-> 1); LeakyReLU(0.2) (the paper names no activation for D); it returns a logit and
   D = sigmoid(logit). The 2x4x4 pools keep the first FC small at 224x224 (64 x 2 x 4 x 4 = 2048 inputs;

@@ -100,10 +100,12 @@ Deviations (from the paper, with reasons)
     - Real UCSD Ped2 on a 2-core CPU can only run a reduced protocol (smaller input, fewer steps); such
       runs name every setting that is not the paper's in the "run_protocol" string of metrics.json. At
       96x96 with 4 pixel-loss epochs of 600 steps, then alternating epochs of 600 steps: after 1 of them
-      frame AUC 75.8% (g 75.9%, d 54.9%), EER 30.3%; after 4, 80.6% (g 80.5%, d 61.7%), EER 27.9%.
+      frame AUC 75.8% (g 75.9%, d 54.9%), EER 30.3%; after 4, 80.6% (g 80.5%, d 61.7%), EER 27.9%
+      (80.5%, g 80.5%, d 61.0%, EER 28.1% on another host, most likely through its CPU kernels' rounding).
       D did not collapse (the synthetic data's failure: L_D near 0 within an epoch). On Ped2 it stayed at
       chance instead: L_D = 2 log 2 per map cell in every epoch, mean D(real) / D(fake) 0.507 / 0.494
-      after the first and 0.500 / 0.499 after the fourth, while the pixel loss kept falling (22.9 -> 16.7).
+      after the first and 0.500 / 0.499 (0.500 / 0.500 on the other host) after the fourth, while the
+      pixel loss kept falling (22.9 -> 16.7).
       Yet -log D(S_t) of the real test sequences ranks frames above chance (d 61.7%), so D's term holds
       some information. The paper's d row (86.2% on Ped2) implies a D far from chance at 224x224 and
       the paper's (unstated) number of alternating epochs.
