@@ -75,9 +75,10 @@ through CT and G2, the paper's saving: run on every region, G1, CT and G2 cost m
 Ped2 batch of 64 frames with 22% suspicious regions: 0.58 s for them against 0.36 s for C1-C2; 0.14 s
 with the gather, 1.9x for the batch). The gather's data-dependent shape costs two host syncs per batch on
 CUDA (hundreds of frames each); the fixed-shape alternative (CT and G2 everywhere, then select:
-`region_scores(gather=False)`, the same scores, tested) has none. A warm-up batch of the same shape runs before the timer, so cuDNN autotuning is not timed. `--amp`
-(bf16 autocast for the convolutions only; G1, CT and G2 always run in float32) is opt-in, the faster
-setting: its effect on the metrics has not been measured. The printed test frames/s covers cached frames
+`region_scores(gather=False)`, the same scores, tested) has none. A warm-up batch of the same shape runs
+before the timer, so cuDNN autotuning is not timed. `--amp` (bf16 autocast for the convolutions only; G1,
+CT and G2 always run in float32) is opt-in, the faster setting: its effect on the metrics has not been
+measured. The printed test frames/s covers cached frames
 -> scores.npz: reading the frame cache, host-to-device copies, D_t, C1-S1-C2, G1, CT, G2, zeta maps and
 frame scores, the copy back and writing scores.npz; it excludes model load, index tables, warm-up and
 evaluation.

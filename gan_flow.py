@@ -190,7 +190,7 @@ def noise_keys(seed, video, frames, stream):
     """int64 keys (one per frame index in `frames`) naming the test-time noise of (seed, video name, frame,
     generator): what a frame's dropout mask is drawn from, whatever batch or device scores it."""
     base = hash32(hash32(hash32(seed & MASK32) ^ zlib.crc32(video.encode())) ^ stream)
-    return torch.tensor([hash32(base ^ t) for t in frames], dtype=torch.int64)
+    return hash32(base ^ torch.as_tensor(frames, dtype=torch.int64))
 
 
 class AlwaysDropout(nn.Module):
